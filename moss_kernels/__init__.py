@@ -1,0 +1,23 @@
+"""moss_kernels: fused kernels for MoSS (Modality-Specialized Synergizers) adapters.
+
+Text tokens get a linear LoRA, image tokens a causal ``k x k`` convolutional LoRA over their grid.
+The public names are those of the contract (``shared/SPEC.md`` §3).
+"""
+
+from .backends import available_backends
+from .conv_lora import conv_lora, moss_lora, moss_lora_step
+from .layers import MossLinear
+from .layout import ImageLayout, ImageSpan
+from .state import ConvLoRAState
+
+__all__ = [
+    "ImageSpan",
+    "ImageLayout",
+    "ConvLoRAState",
+    "conv_lora",
+    "moss_lora",
+    "moss_lora_step",
+    "MossLinear",
+    "available_backends",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,402 @@
+"""Where the images are: ``ImageSpan`` and ``ImageLayout``.
+
+This module is the only code that knows where image tokens sit in a batch. It turns a list of
+spans into index tensors that every backend consumes without knowing anything about grids:
+
+* ``text_rows`` / ``image_rows``: flat row indices ``b * seq_len + position`` (int64).
+* ``conv_sources[t, tap]``: for image token ``t`` (its index in ``image_rows``) and tap
+  ``tap = a * k + b`` of a ``k x k`` kernel, the image-token index whose input that tap reads, or
+  ``-1`` where the causal zero padding (or a token that came before this call) is.
+* ``conv_targets[t, tap]``: the inverse map, used by backward passes that gather instead of
+  scatter (no atomics): the token whose ``tap`` reads token ``t``, or ``-1``.
+* a ``StateIndex`` for calls that continue images from a ``ConvLoRAState``.
+
+Spans of one image may be split: a span whose ``offset`` equals the end of the previous span of
+the same ``height x width`` in the same sequence *continues* it (the two form one "image part").
+That is how grids that skip tokens are expressed — for Emu3 or Lumina-mGPT, whose rows end with an
+end-of-row token, give one span per grid row and leave the end-of-row tokens as text; nothing else
+in the package changes. A span with ``offset > 0`` that continues no earlier span of its sequence
+continues an image from a ``ConvLoRAState`` (chunked prefill, decoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+__all__ = ["ImageSpan", "ImageLayout", "ConvIndex", "StateIndex", "ImageSegment", "ring_size"]
+
+
+def ring_size(kernel_size: int, width: int) -> int:
+    """Pending ``r``-wide sums a sequence needs while inside a ``width``-wide image: ``(k-1)(W+1)``.
+
+    Token ``p`` receives contributions from tokens at most ``(k-1)(W+1)`` positions earlier, so a
+    ring with that many slots, indexed by ``p mod L``, holds every sum still owed to a later token.
+    """
+    return (kernel_size - 1) * (width + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpan:
+    """Positions ``start, start+1, ...`` of sequence ``batch`` hold image tokens ``offset, ...``
+    (raster order) of a ``height x width`` image. ``length`` defaults to the rest of the image, cut
+    at the end of the sequence."""
+
+    batch: int
+    start: int
+    height: int
+    width: int
+    offset: int = 0
+    length: Optional[int] = None
+
+    @property
+    def end(self) -> int:
+        """One past the last image-token index (raster order) this span holds (needs ``length``)."""
+        assert self.length is not None
+        return self.offset + self.length
+
+
+class ImageSegment(NamedTuple):
+    """A maximal chain of spans of one image in one sequence (see module docstring)."""
+
+    batch: int
+    height: int
+    width: int
+    offset: int  # first image-token index held in this layout
+    end: int  # one past the last
+    first_local: int  # index in ``image_rows`` of the token at ``offset``
+    span_ids: tuple  # indices into ``layout.spans``
+
+    @property
+    def continues_from_state(self) -> bool:
+        return self.offset > 0
+
+    @property
+    def complete(self) -> bool:
+        return self.end == self.height * self.width
+
+
+class ConvIndex(NamedTuple):
+    """Device index tensors for one kernel size (see module docstring)."""
+
+    text_rows: torch.Tensor  # (n_text,) int64
+    image_rows: torch.Tensor  # (n_image,) int64
+    conv_sources: torch.Tensor  # (n_image, k*k) int64, -1 = padding
+    conv_targets: torch.Tensor  # (n_image, k*k) int64, -1 = none
+
+
+class StateIndex(NamedTuple):
+    """How a call reads and leaves the pending sums of a ``ConvLoRAState``.
+
+    Slots are flat indices into ``pending.view(-1, r)`` (``batch * capacity + p mod L``).
+    """
+
+    read_tokens: torch.Tensor  # (n_read,) image-token indices that add a pending sum
+    read_slots: torch.Tensor  # (n_read,)
+    write_slots: torch.Tensor  # (n_write,) slots of the positions this call leaves sums for
+    write_sources: torch.Tensor  # (n_write, k*k) image-token index per tap, -1 = none
+    write_keep: torch.Tensor  # (n_write,) bool: keep the sum that earlier calls left there
+
+
+SpanLike = Union[ImageSpan, Sequence[int]]
+
+
+def _check_int(name: str, value, span_desc: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np  # noqa: PLC0415  (numpy ints are fine)
+
+            if isinstance(value, np.integer):
+                return int(value)
+        except ImportError:  # pragma: no cover
+            pass
+        raise ValueError(f"{span_desc}: {name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+class ImageLayout:
+    """The image spans of a batch of inputs of shape ``(batch_size, seq_len, d_in)``.
+
+    Build it once per batch (``from_spans`` or ``from_token_ids``) and pass it to every adapted
+    layer: index tensors are built on first use per device and kernel size, then cached.
+    """
+
+    def __init__(self, batch_size: int, seq_len: int, spans: Sequence[ImageSpan]):
+        # Use from_spans(); this constructor trusts that spans are validated and resolved.
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.spans: tuple[ImageSpan, ...] = tuple(spans)
+        self._build_host_tables()
+        self._device_cache: dict = {}
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_spans(cls, batch_size: int, seq_len: int, spans: Iterable[SpanLike]) -> "ImageLayout":
+        """Validate ``spans`` (``ImageSpan``s or tuples in its field order) and build the layout.
+
+        Raises ``ValueError`` naming the span for a span outside the sequence, overlapping spans,
+        non-positive sizes, an offset beyond the image or a length that overruns the image.
+        """
+        batch_size = _check_int("batch_size", batch_size, "ImageLayout")
+        seq_len = _check_int("seq_len", seq_len, "ImageLayout")
+        if batch_size <= 0 or seq_len <= 0:
+            raise ValueError(
+                f"ImageLayout: batch_size and seq_len must be positive, got {batch_size} and {seq_len}"
+            )
+        resolved = []
+        for n, item in enumerate(spans):
+            if isinstance(item, ImageSpan):
+                span = item
+            else:
+                try:
+                    span = ImageSpan(*item)
+                except TypeError as e:
+                    raise ValueError(f"span #{n} {item!r}: not an ImageSpan or a tuple of its fields ({e})") from None
+            desc = f"span #{n} {span}"
+            batch = _check_int("batch", span.batch, desc)
+            start = _check_int("start", span.start, desc)
+            height = _check_int("height", span.height, desc)
+            width = _check_int("width", span.width, desc)
+            offset = _check_int("offset", span.offset, desc)
+            if height <= 0 or width <= 0:
+                raise ValueError(f"{desc}: height and width must be positive")
+            if not 0 <= batch < batch_size:
+                raise ValueError(f"{desc}: batch {batch} is outside the batch of size {batch_size}")
+            if not 0 <= start < seq_len:
+                raise ValueError(f"{desc}: start {start} is outside the sequence of length {seq_len}")
+            size = height * width
+            if not 0 <= offset < size:
+                raise ValueError(f"{desc}: offset {offset} is beyond the {height}x{width} image")
+            if span.length is None:
+                length = min(size - offset, seq_len - start)
+            else:
+                length = _check_int("length", span.length, desc)
+                if length <= 0:
+                    raise ValueError(f"{desc}: length must be positive, got {length}")
+                if offset + length > size:
+                    raise ValueError(
+                        f"{desc}: offset {offset} + length {length} overruns the {height}x{width} image"
+                    )
+                if start + length > seq_len:
+                    raise ValueError(
+                        f"{desc}: start {start} + length {length} runs past the sequence of length {seq_len}"
+                    )
+            resolved.append((n, ImageSpan(batch, start, height, width, offset, length)))
+
+        resolved.sort(key=lambda t: (t[1].batch, t[1].start))
+        for (na, a), (nb, b) in zip(resolved, resolved[1:]):
+            if a.batch == b.batch and b.start < a.start + a.length:
+                raise ValueError(f"span #{nb} {b} overlaps span #{na} {a}")
+        return cls(batch_size, seq_len, [s for _, s in resolved])
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        input_ids: torch.Tensor,
+        boi_token_id: int,
+        grid: Sequence[int],
+        routing: str = "input",
+    ) -> "ImageLayout":
+        """Derive the layout from token ids: after every ``boi_token_id`` come the ``H x W`` image
+        tokens of one image (``grid = (H, W)``), cut at the end of the sequence.
+
+        ``routing="input"`` puts the grid on the image tokens themselves (the paper's Figure 2);
+        ``routing="output"`` on the ``H x W`` positions whose outputs predict them (the marker
+        through the second-to-last image token). A marker inside an earlier image is image data,
+        not a new image. This reads the ids on the host once per batch.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must hold integers, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        if routing not in ("input", "output"):
+            raise ValueError(f"routing must be 'input' or 'output', got {routing!r}")
+        try:
+            height, width = (int(g) for g in grid)
+        except (TypeError, ValueError):
+            raise ValueError(f"grid must be a pair (height, width), got {grid!r}") from None
+        if height <= 0 or width <= 0:
+            raise ValueError(f"grid must be positive, got {grid!r}")
+        boi_token_id = _check_int("boi_token_id", boi_token_id, "from_token_ids")
+        batch_size, seq_len = input_ids.shape
+        size = height * width
+        marks = (input_ids == boi_token_id).nonzero().tolist()  # one host sync per batch
+        spans = []
+        busy_until = [-1] * batch_size  # positions < busy_until[b] belong to an earlier image
+        for b, pos in marks:
+            if pos < busy_until[b]:
+                continue
+            start = pos + 1 if routing == "input" else pos
+            length = min(size, seq_len - start)
+            busy_until[b] = pos + 1 + size
+            if length > 0:
+                spans.append(ImageSpan(b, start, height, width, 0, length))
+        return cls.from_spans(batch_size, seq_len, spans)
+
+    @classmethod
+    def text_only(cls, batch_size: int, seq_len: int) -> "ImageLayout":
+        return cls.from_spans(batch_size, seq_len, [])
+
+    # ------------------------------------------------------------------ host tables
+    def _build_host_tables(self) -> None:
+        S = self.seq_len
+        is_image = torch.zeros(self.batch_size * S, dtype=torch.bool)
+        rows, positions, segments = [], [], []
+        local = 0
+        current = None  # segment under construction: dict
+        for sid, span in enumerate(self.spans):
+            flat = span.batch * S + span.start
+            rows.append(torch.arange(flat, flat + span.length, dtype=torch.int64))
+            positions.append(torch.arange(span.offset, span.end, dtype=torch.int64))
+            is_image[flat : flat + span.length] = True
+            chains = (
+                current is not None
+                and current["batch"] == span.batch
+                and (current["height"], current["width"]) == (span.height, span.width)
+                and current["end"] == span.offset
+            )
+            if chains:
+                current["end"] = span.end
+                current["span_ids"].append(sid)
+            else:
+                if current is not None:
+                    segments.append(current)
+                if span.offset > 0 and any(seg["batch"] == span.batch for seg in segments + ([current] if current else [])):
+                    raise ValueError(
+                        f"span #{sid} {span}: offset {span.offset} > 0 continues an image, but it neither "
+                        "follows the previous part of that image nor comes first in its sequence"
+                    )
+                current = dict(batch=span.batch, height=span.height, width=span.width, offset=span.offset,
+                               end=span.end, first_local=local, span_ids=[sid])
+            local += span.length
+        if current is not None:
+            segments.append(current)
+        self.segments: tuple[ImageSegment, ...] = tuple(
+            ImageSegment(s["batch"], s["height"], s["width"], s["offset"], s["end"], s["first_local"],
+                         tuple(s["span_ids"])) for s in segments
+        )
+        self._image_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
+        self._image_positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
+        self._text_rows = (~is_image).nonzero().flatten()
+        self._conv_tables: dict = {}
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self._image_rows.numel())
+
+    @property
+    def num_text_tokens(self) -> int:
+        return int(self._text_rows.numel())
+
+    @property
+    def max_width(self) -> int:
+        return max((s.width for s in self.spans), default=0)
+
+    def _segment_arrays(self):
+        """Per image token: its segment's height, width, offset, end and first local index."""
+        n = self.num_image_tokens
+        cols = torch.zeros(5, n, dtype=torch.int64)
+        for seg in self.segments:
+            sl = slice(seg.first_local, seg.first_local + seg.end - seg.offset)
+            cols[:, sl] = torch.tensor([seg.height, seg.width, seg.offset, seg.end, seg.first_local]).unsqueeze(1)
+        return cols.unbind(0)
+
+    def conv_tables(self, kernel_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host ``(conv_sources, conv_targets)`` for a ``kernel_size`` kernel (cached)."""
+        k = kernel_size
+        if k not in self._conv_tables:
+            H, W, off, end, first = self._segment_arrays()
+            p = self._image_positions
+            i, j = p // W.clamp(min=1), p % W.clamp(min=1)
+            taps = torch.arange(k * k, dtype=torch.int64)
+            di = (k - 1 - taps // k).unsqueeze(0)  # tap (a, b) reads the token di rows, dj columns back
+            dj = (k - 1 - taps % k).unsqueeze(0)
+            i, j, p = i.unsqueeze(1), j.unsqueeze(1), p.unsqueeze(1)
+            H, W, off, end, first = (t.unsqueeze(1) for t in (H, W, off, end, first))
+            src = p - di * W - dj
+            ok = (i >= di) & (j >= dj) & (src >= off)
+            sources = torch.where(ok, first + src - off, torch.full_like(src, -1))
+            dst = p + di * W + dj
+            ok = (i + di < H) & (j + dj < W) & (dst < end)
+            targets = torch.where(ok, first + dst - off, torch.full_like(dst, -1))
+            self._conv_tables[k] = (sources.contiguous(), targets.contiguous())
+        return self._conv_tables[k]
+
+    # ------------------------------------------------------------------ device tensors
+    def index(self, device: Union[str, torch.device], kernel_size: int = 2) -> ConvIndex:
+        """Index tensors on ``device`` for a ``kernel_size`` kernel (built once, then cached)."""
+        device = torch.device(device)
+        key = ("conv", device, kernel_size)
+        if key not in self._device_cache:
+            sources, targets = self.conv_tables(kernel_size)
+            self._device_cache[key] = ConvIndex(
+                self._text_rows.to(device), self._image_rows.to(device), sources.to(device), targets.to(device)
+            )
+        return self._device_cache[key]
+
+    def state_index(self, device: Union[str, torch.device], kernel_size: int, capacity: int) -> StateIndex:
+        """How this layout reads and leaves the pending sums of a state with ``capacity`` slots a row.
+
+        Reads: tokens of a segment that continues an image from state, within ``L`` positions of
+        its offset (``L = ring_size(k, W)``). Writes: for the last segment of a sequence when its
+        image is not complete, the ``L`` positions after it; each is the sum of the taps of this
+        call's tokens that reach it, plus (``write_keep``) what earlier calls left there.
+        """
+        device = torch.device(device)
+        key = ("state", device, kernel_size, capacity)
+        if key in self._device_cache:
+            return self._device_cache[key]
+        k = kernel_size
+        kk = k * k
+        taps = torch.arange(kk, dtype=torch.int64)
+        di, dj = k - 1 - taps // k, k - 1 - taps % k
+        read_tokens, read_slots, write_slots, write_sources, write_keep = [], [], [], [], []
+        last_in_row = {}
+        for seg in self.segments:
+            last_in_row[seg.batch] = seg
+        for seg in self.segments:
+            L = ring_size(k, seg.width)
+            if L == 0:
+                continue
+            if L > capacity:
+                raise ValueError(f"state capacity {capacity} is below the {L} slots a {seg.width}-wide image needs")
+            base = seg.batch * capacity
+            if seg.offset > 0:
+                p = torch.arange(seg.offset, min(seg.offset + L, seg.end), dtype=torch.int64)
+                read_tokens.append(seg.first_local + p - seg.offset)
+                read_slots.append(base + p % L)
+            if last_in_row[seg.batch] is seg and not seg.complete:
+                q = torch.arange(seg.end, min(seg.end + L, seg.height * seg.width), dtype=torch.int64)
+                qi, qj = (q // seg.width).unsqueeze(1), (q % seg.width).unsqueeze(1)
+                src = q.unsqueeze(1) - di * seg.width - dj
+                ok = (qi >= di) & (qj >= dj) & (src >= seg.offset) & (src < seg.end)
+                write_sources.append(torch.where(ok, seg.first_local + src - seg.offset, torch.full_like(src, -1)))
+                write_slots.append(base + q % L)
+                write_keep.append((q < seg.offset + L) & (seg.offset > 0))
+
+        def cat(parts, shape_tail=(), dtype=torch.int64):
+            if parts:
+                return torch.cat(parts).to(device)
+            return torch.zeros((0, *shape_tail), dtype=dtype, device=device)
+
+        result = StateIndex(
+            cat(read_tokens), cat(read_slots), cat(write_slots), cat(write_sources, (kk,)),
+            cat(write_keep, dtype=torch.bool),
+        )
+        self._device_cache[key] = result
+        return result
+
+    # ------------------------------------------------------------------ misc
+    def image_mask(self, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
+        """``(batch, seq)`` bool mask of image tokens."""
+        mask = torch.zeros(self.batch_size * self.seq_len, dtype=torch.bool)
+        mask[self._image_rows] = True
+        return mask.view(self.batch_size, self.seq_len).to(device)
+
+    def __repr__(self) -> str:
+        return (f"ImageLayout(batch_size={self.batch_size}, seq_len={self.seq_len}, "
+                f"image_tokens={self.num_image_tokens}, spans={list(self.spans)!r})")
