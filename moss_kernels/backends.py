@@ -27,8 +27,15 @@ import torch
 
 from . import reference
 
-__all__ = ["available_backends", "default_backend", "get_backend", "register_backend", "Backend",
-           "backend_problems", "interpreting_triton"]
+__all__ = [
+    "Backend",
+    "available_backends",
+    "backend_problems",
+    "default_backend",
+    "get_backend",
+    "interpreting_triton",
+    "register_backend",
+]
 
 
 class Backend:
@@ -88,7 +95,7 @@ def _load_optional() -> None:
     for name, module in _OPTIONAL_MODULES.items():
         try:
             importlib.import_module(module)  # registers itself
-        except Exception as e:  # noqa: BLE001  (any failure means: not usable, say why)
+        except Exception as e:
             _PROBLEMS[name] = f"{type(e).__name__}: {e}"
 
 
@@ -132,6 +139,7 @@ def default_backend(device: torch.device, dtype: torch.dtype, kernel_size: int) 
     return "reference"
 
 
+@torch._dynamo.assume_constant_result  # decided once while tracing: loads nothing inside a graph
 def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, kernel_size: int) -> str:
     """The backend a call runs on: ``name`` checked, or the default."""
     if name is None or name == "auto":

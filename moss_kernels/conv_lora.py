@@ -44,7 +44,7 @@ def _rows(t: Tensor) -> Tensor:
 
 def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
     """Ops return empty tensors where Python returns ``None`` (custom ops cannot return ``None``)."""
-    return None if t is None or t.numel() == 0 and t.dim() == 1 else t
+    return None if t is None or (t.numel() == 0 and t.dim() == 1) else t
 
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
@@ -100,13 +100,13 @@ def _lora_backward(
         _rows(grad), _rows(x), text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b,
         _opt(text_h), _opt(image_z), scale, needs_x)
     dx = _empty(x) if grads[0] is None else grads[0].view(x.shape)
-    return (dx,) + tuple(_empty(x) if g is None else g for g in grads[1:])
+    return (dx, *(_empty(x) if g is None else g for g in grads[1:]))
 
 
 @_lora_backward.register_fake
 def _(grad, x, text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b, text_h, image_z,
       scale, needs_x, backend):
-    like = lambda t: _empty(x) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    like = lambda t: _empty(x) if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
     return (torch.empty_like(x, memory_format=torch.contiguous_format) if needs_x else _empty(x),
             like(text_a), like(text_b), like(image_weight), like(image_b))
 
@@ -126,7 +126,7 @@ def _backward(ctx, grad, _grad_text_h, _grad_image_z):
     dx, d_ta, d_tb, d_w, d_ib = _lora_backward(
         grad.contiguous(), x, text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b,
         text_h, image_z, ctx.scale, needs[0], ctx.backend)
-    keep = lambda g, i: g if needs[i] else None  # noqa: E731
+    keep = lambda g, i: g if needs[i] else None
     return (keep(dx, 0), None, None, None, None, keep(d_ta, 5), keep(d_tb, 6), keep(d_w, 7), keep(d_ib, 8),
             None, None)
 

@@ -15,7 +15,7 @@ from .conv_lora import moss_lora
 from .layout import ImageLayout
 from .state import ConvLoRAState
 
-__all__ = ["MossLinear", "ADAPTERS"]
+__all__ = ["ADAPTERS", "MossLinear"]
 
 # "moss": linear LoRA on text, k x k conv LoRA on images (the paper);
 # "moe_lora": separate linear LoRAs per modality (a 1x1 image kernel);

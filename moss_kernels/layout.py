@@ -22,11 +22,12 @@ continues an image from a ``ConvLoRAState`` (chunked prefill, decoding).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple, Optional, Union
+from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["ImageSpan", "ImageLayout", "ConvIndex", "StateIndex", "ImageSegment", "ring_size"]
+__all__ = ["ConvIndex", "ImageLayout", "ImageSegment", "ImageSpan", "StateIndex", "ring_size"]
 
 
 def ring_size(kernel_size: int, width: int) -> int:
@@ -106,7 +107,7 @@ SpanLike = Union[ImageSpan, Sequence[int]]
 def _check_int(name: str, value, span_desc: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         try:
-            import numpy as np  # noqa: PLC0415  (numpy ints are fine)
+            import numpy as np
 
             if isinstance(value, np.integer):
                 return int(value)
@@ -128,12 +129,12 @@ class ImageLayout:
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.spans: tuple[ImageSpan, ...] = tuple(spans)
-        self._build_host_tables()
         self._device_cache: dict = {}
+        self._build_host_tables()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_spans(cls, batch_size: int, seq_len: int, spans: Iterable[SpanLike]) -> "ImageLayout":
+    def from_spans(cls, batch_size: int, seq_len: int, spans: Iterable[SpanLike]) -> ImageLayout:
         """Validate ``spans`` (``ImageSpan``s or tuples in its field order) and build the layout.
 
         Raises ``ValueError`` naming the span for a span outside the sequence, overlapping spans,
@@ -198,7 +199,7 @@ class ImageLayout:
         boi_token_id: int,
         grid: Sequence[int],
         routing: str = "input",
-    ) -> "ImageLayout":
+    ) -> ImageLayout:
         """Derive the layout from token ids: after every ``boi_token_id`` come the ``H x W`` image
         tokens of one image (``grid = (H, W)``), cut at the end of the sequence.
 
@@ -235,10 +236,10 @@ class ImageLayout:
             busy_until[b] = pos + 1 + size
             if length > 0:
                 spans.append(ImageSpan(b, start, height, width, 0, length))
-        return cls.from_spans(batch_size, seq_len, spans)
+        return cls.from_spans(batch_size, seq_len, spans).prepare(input_ids.device)
 
     @classmethod
-    def text_only(cls, batch_size: int, seq_len: int) -> "ImageLayout":
+    def text_only(cls, batch_size: int, seq_len: int) -> ImageLayout:
         return cls.from_spans(batch_size, seq_len, [])
 
     # ------------------------------------------------------------------ host tables
@@ -265,7 +266,7 @@ class ImageLayout:
             else:
                 if current is not None:
                     segments.append(current)
-                if span.offset > 0 and any(seg["batch"] == span.batch for seg in segments + ([current] if current else [])):
+                if span.offset > 0 and any(seg["batch"] == span.batch for seg in segments):
                     raise ValueError(
                         f"span #{sid} {span}: offset {span.offset} > 0 continues an image, but it neither "
                         "follows the previous part of that image nor comes first in its sequence"
@@ -283,6 +284,7 @@ class ImageLayout:
         self._image_positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
         self._text_rows = (~is_image).nonzero().flatten()
         self._conv_tables: dict = {}
+        self.prepare("cpu")
 
     @property
     def num_image_tokens(self) -> int:
@@ -327,10 +329,21 @@ class ImageLayout:
         return self._conv_tables[k]
 
     # ------------------------------------------------------------------ device tensors
+    def prepare(self, device: Union[str, torch.device], kernel_sizes: Sequence[int] = (1, 2)) -> ImageLayout:
+        """Build the index tensors on ``device`` now (returns ``self``).
+
+        Layouts are built outside compiled regions; preparing them there too keeps index building
+        out of ``torch.compile``'s graphs (a traced build would recompile for every new layout).
+        ``from_token_ids`` prepares the ids' device; ``from_spans`` the CPU.
+        """
+        for k in kernel_sizes:
+            self.index(device, k)
+        return self
+
     def index(self, device: Union[str, torch.device], kernel_size: int = 2) -> ConvIndex:
         """Index tensors on ``device`` for a ``kernel_size`` kernel (built once, then cached)."""
         device = torch.device(device)
-        key = ("conv", device, kernel_size)
+        key = ("conv", str(device), kernel_size)
         if key not in self._device_cache:
             sources, targets = self.conv_tables(kernel_size)
             self._device_cache[key] = ConvIndex(
@@ -347,7 +360,7 @@ class ImageLayout:
         call's tokens that reach it, plus (``write_keep``) what earlier calls left there.
         """
         device = torch.device(device)
-        key = ("state", device, kernel_size, capacity)
+        key = ("state", str(device), kernel_size, capacity)
         if key in self._device_cache:
             return self._device_cache[key]
         k = kernel_size
@@ -389,6 +402,22 @@ class ImageLayout:
         )
         self._device_cache[key] = result
         return result
+
+    def window(self, start: int, stop: int) -> ImageLayout:
+        """The layout of positions ``[start, stop)`` of every sequence (a prefill chunk).
+
+        Spans cut by the window keep their image coordinates: the part after a cut continues the
+        image (``offset > 0``), so feeding consecutive windows with a ``ConvLoRAState`` gives the
+        same outputs as one call on the whole layout.
+        """
+        if not 0 <= start < stop <= self.seq_len:
+            raise ValueError(f"window [{start}, {stop}) must lie within [0, {self.seq_len}) and be non-empty")
+        spans = []
+        for s in self.spans:
+            lo, hi = max(s.start, start), min(s.start + s.length, stop)
+            if lo < hi:
+                spans.append(ImageSpan(s.batch, lo - start, s.height, s.width, s.offset + lo - s.start, hi - lo))
+        return ImageLayout.from_spans(self.batch_size, stop - start, spans)
 
     # ------------------------------------------------------------------ misc
     def image_mask(self, device: Union[str, torch.device] = "cpu") -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .layout import ImageLayout, StateIndex
 
-__all__ = ["literal_moss_lora", "forward", "backward", "decode_step", "stacked_taps", "compute_dtype"]
+__all__ = ["backward", "compute_dtype", "decode_step", "forward", "literal_moss_lora", "stacked_taps"]
 
 
 # ---------------------------------------------------------------------------- literal
@@ -76,6 +76,12 @@ def stacked_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``(r, d_in, k, k)`` conv weight -> ``K_all`` of shape ``(k*k*r, d_in)``, tap ``a*k+b`` major."""
     r, d_in, k, _ = weight.shape
     return weight.to(dtype).permute(2, 3, 0, 1).reshape(k * k * r, d_in)
+
+
+def _gather_taps(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[t, tap] = rows[index[t, tap]]`` (zero where ``index == -1``): ``(n, k*k, r)``."""
+    picked = rows.index_select(0, index.clamp(min=0).flatten()).view(*index.shape, rows.shape[1])
+    return picked * (index >= 0).unsqueeze(2).to(rows.dtype)
 
 
 def _shift_sum(per_tap: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -182,15 +188,12 @@ def backward(
             g = grad_out.index_select(0, image_rows).to(cdt)
             d_ib = scale * g.t() @ image_z
             dz = scale * g @ image_b.to(cdt)
-            d_taps = torch.stack(
-                [torch.where((conv_targets[:, t] >= 0).unsqueeze(1), dz.index_select(0, conv_targets[:, t].clamp(min=0)), 0.0)
-                 for t in range(k * k)], dim=1,
-            ).reshape(-1, k * k * r)
+            d_taps = _gather_taps(dz, conv_targets).reshape(-1, k * k * r)
             xi = x.index_select(0, image_rows).to(cdt)
             d_w = (d_taps.t() @ xi).view(k, k, r, d_in).permute(2, 3, 0, 1)
             if needs_x:
                 dx.index_copy_(0, image_rows, d_taps @ stacked_taps(image_weight, cdt))
-    cast = lambda g, like: None if g is None else g.to(like.dtype).contiguous()  # noqa: E731
+    cast = lambda g, like: None if g is None else g.to(like.dtype).contiguous()
     return (
         None if dx is None else dx.to(x.dtype),
         cast(d_ta, text_a), cast(d_tb, text_b), cast(d_w, image_weight), cast(d_ib, image_b),

@@ -12,7 +12,8 @@ unchecked for the sequences it advanced.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
+from collections.abc import Sequence
 
 import torch
 
