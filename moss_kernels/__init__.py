@@ -9,15 +9,22 @@ from .conv_lora import conv_lora, moss_lora, moss_lora_step
 from .layers import MossLinear
 from .layout import ImageLayout, ImageSpan
 from .state import ConvLoRAState
+from .model import MossConfig, inject_moss, load_moss, moss_layout, moss_summary, save_moss
 
 __all__ = [
     "ConvLoRAState",
     "ImageLayout",
     "ImageSpan",
+    "MossConfig",
     "MossLinear",
     "available_backends",
     "conv_lora",
+    "inject_moss",
+    "load_moss",
+    "moss_layout",
     "moss_lora",
     "moss_lora_step",
+    "moss_summary",
+    "save_moss",
 ]
 __version__ = "0.1.0"

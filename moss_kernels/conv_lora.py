@@ -42,6 +42,20 @@ def _rows(t: Tensor) -> Tensor:
         return t.reshape(-1, t.shape[-1])
 
 
+def _eager_or_op(op, impl):
+    """Call ``impl`` directly in eager mode, ``op`` while tracing.
+
+    The mutating ops have no autograd formula, so outside ``torch.compile`` the custom-op dispatcher
+    adds only latency (about 100 us a call, most of a CPU decode step); while tracing, the op keeps
+    the graph whole.
+    """
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call
+
+
 def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
     """Ops return empty tensors where Python returns ``None`` (custom ops cannot return ``None``)."""
     return None if t is None or (t.numel() == 0 and t.dim() == 1) else t
@@ -158,6 +172,9 @@ def _(*args):
     return None
 
 
+_accumulate_call = _eager_or_op(_lora_accumulate, _lora_accumulate._init_fn)
+
+
 @torch.library.custom_op("moss::lora_step_", mutates_args=("out", "pending"))
 def _lora_step(
     out: Tensor, x: Tensor, text_a: Optional[Tensor], text_b: Optional[Tensor], image_weight: Optional[Tensor],
@@ -171,6 +188,9 @@ def _lora_step(
 @_lora_step.register_fake
 def _(*args):
     return None
+
+
+_step_call = _eager_or_op(_lora_step, _lora_step._init_fn)
 
 
 # ============================================================================ checks
@@ -307,7 +327,7 @@ def moss_lora(
 def _accumulate(out, x, index, weights, scale, name, pending, si) -> None:
     target = out if _viewable(out) else out.contiguous()
     state_args = (None,) * 6 if pending is None else (pending, *si)
-    _lora_accumulate(target, x, index.text_rows, index.image_rows, index.conv_sources, *weights, scale, name,
+    _accumulate_call(target, x, index.text_rows, index.image_rows, index.conv_sources, *weights, scale, name,
                      *state_args)
     if target is not out:
         out.copy_(target)
@@ -382,17 +402,19 @@ def moss_lora_step(
         if state.pending.device != x.device:
             raise ValueError(f"state is on {state.pending.device}, x on {x.device}")
         if k > 1:
-            # Checked on the device: a width the ring cannot hold must never index past it.
-            torch._assert_async((((k - 1) * (width + 1) <= state.capacity) | (image_pos < 0)).all(),
-                                "moss_lora_step: state capacity is below (k-1)*(width+1); reserve the width first")
-            torch._assert_async((image_pos < height * width).all(), "moss_lora_step: image_pos beyond the image")
+            # Checked on the device, without a sync: a position beyond its image, or a width the ring
+            # cannot hold, would index another sequence's slots.
+            fits = (image_pos < height * width) & ((k - 1) * (width + 1) <= state.capacity)
+            torch._assert_async((fits | (image_pos < 0)).all(),
+                                "moss_lora_step: image_pos beyond the image, or state capacity below (k-1)*(width+1)"
+                                " (reserve the width first)")
         pending = state.pending
         state.mark_unchecked()
     else:
         pending = x.new_zeros(batch, 0, 1, dtype=torch.float32)
     name = backends.resolve(backend, x.device, _case_dtype(x, text_a, image_weight), k)
     target = out if out.is_contiguous() else out.contiguous()
-    _lora_step(target, x, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width, name)
+    _step_call(target, x, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width, name)
     if target is not out:
         out.copy_(target)
     return out

@@ -148,8 +148,10 @@ _TEXT_LAYOUTS: dict = {}
 def _text_layout(batch_size: int, seq_len: int) -> ImageLayout:
     """All-text layouts, cached by shape (their index tensors are reused across calls)."""
     key = (batch_size, seq_len)
-    if key not in _TEXT_LAYOUTS:
+    layout = _TEXT_LAYOUTS.get(key)
+    if layout is None:  # built locally first: another thread may clear the cache meanwhile
+        layout = ImageLayout.text_only(batch_size, seq_len)
         if len(_TEXT_LAYOUTS) > 64:
             _TEXT_LAYOUTS.clear()
-        _TEXT_LAYOUTS[key] = ImageLayout.text_only(batch_size, seq_len)
-    return _TEXT_LAYOUTS[key]
+        _TEXT_LAYOUTS[key] = layout
+    return layout

@@ -77,15 +77,17 @@ class ConvLoRAState:
             self.pending[b].zero_()
 
     def reorder(self, indices: Union[torch.Tensor, Sequence[int]]) -> None:
-        """Reorder (and duplicate) sequences, as beam search does with its KV cache."""
+        """Keep sequences ``indices`` in that order (reorder, duplicate or drop), as beam search does
+        with its KV cache; the batch becomes ``len(indices)``."""
         idx = torch.as_tensor(indices, dtype=torch.int64)
-        if idx.dim() != 1 or idx.numel() != self.batch_size:
-            raise ValueError(f"reorder: indices must have shape ({self.batch_size},), got {tuple(idx.shape)}")
+        if idx.dim() != 1 or idx.numel() == 0:
+            raise ValueError(f"reorder: indices must be a non-empty 1-D sequence, got shape {tuple(idx.shape)}")
         host = idx.tolist()
         if min(host) < 0 or max(host) >= self.batch_size:
             raise ValueError(f"reorder: indices must lie in [0, {self.batch_size}), got {host}")
         self.pending = self.pending.index_select(0, idx.to(self.device))
         self._images = [self._images[i] for i in host]
+        self.batch_size = len(host)
 
     # ------------------------------------------------------------------ used by the ops
     def check(self, layout: ImageLayout, rank: int, kernel_size: int, device: torch.device) -> None:

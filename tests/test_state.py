@@ -148,6 +148,10 @@ def test_reorder_follows_beams():
         mk.moss_lora(torch.randn(3, 1, 4), nxt, *adapters, state=st)
     with pytest.raises(ValueError, match="reorder: indices must lie"):
         st.reorder([0, 1, 3])
+    st.reorder([1, 1, 0, 2])  # beam search may grow or shrink the batch
+    assert st.batch_size == 4 and st.pending.shape[0] == 4
+    with pytest.raises(ValueError, match="non-empty"):
+        st.reorder([])
 
 
 def test_state_constructor_checks():

@@ -1,0 +1,121 @@
+// Row gather/scatter helpers for the CPU kernels: convert between any floating dtype and fp32
+// work buffers, with OpenMP (at::parallel_for) over rows.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace moss::cpu {
+
+// Rows per gather+GEMM block for rows `width` floats wide: about 8M floats (32 MiB), at least 256
+// rows. Few large GEMMs beat many cache-sized ones here: every BLAS call is a fork/join of its
+// threads, which on a busy 2-core machine costs more than the cache misses it would save
+// (measured: 8 GEMMs of 256 rows took 5x one GEMM of 2048 rows with 2 threads under load).
+inline int64_t block_rows(int64_t width) { return std::max<int64_t>(256, (int64_t{1} << 23) / std::max<int64_t>(width, 1)); }
+
+// Grain for at::parallel_for over rows `width` floats wide: enough work per chunk to amortise
+// the fork (~16K elements).
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+
+#define MOSS_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+// dst[i, :] = scale * float(src[rows[i], :]), i < n. src: (N, d) any floating dtype, unit column
+// stride, any row stride; dst: fp32 (n, d) contiguous.
+inline void gather_rows(const at::Tensor& src, const int64_t* rows, int64_t n, float* dst, float scale) {
+  const int64_t d = src.size(1), ld = src.stride(0);
+  MOSS_DISPATCH_FLOATS(src.scalar_type(), "moss_gather_rows", [&] {
+    const scalar_t* base = src.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const scalar_t* s = base + rows[i] * ld;
+        float* o = dst + i * d;
+        for (int64_t c = 0; c < d; ++c) o[c] = scale * static_cast<float>(s[c]);
+      }
+    });
+  });
+}
+
+// out[rows[i], :] = round(float(out[rows[i], :]) + scale * delta[i, :]): one rounding per element,
+// as the reference's `_add_rows`. delta: fp32 rows with leading dimension ld.
+inline void scatter_add_rows(at::Tensor& out, const int64_t* rows, int64_t n, const float* delta, int64_t ld,
+                             float scale) {
+  const int64_t d = out.size(1), ldo = out.stride(0);
+  MOSS_DISPATCH_FLOATS(out.scalar_type(), "moss_scatter_add_rows", [&] {
+    scalar_t* base = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        scalar_t* o = base + rows[i] * ldo;
+        const float* s = delta + i * ld;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(static_cast<float>(o[c]) + scale * s[c]);
+      }
+    });
+  });
+}
+
+// dst[rows[i], :] = src[i, :] converted to dst's dtype. dst: contiguous (N, d).
+inline void scatter_rows(at::Tensor& dst, const int64_t* rows, int64_t n, const float* src, int64_t ld) {
+  const int64_t d = dst.size(1), ldd = dst.stride(0);
+  MOSS_DISPATCH_FLOATS(dst.scalar_type(), "moss_scatter_rows", [&] {
+    scalar_t* base = dst.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, n, row_grain(d), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        scalar_t* o = base + rows[i] * ldd;
+        const float* s = src + i * ld;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(s[c]);
+      }
+    });
+  });
+}
+
+// A fp32 contiguous copy of a weight (no copy when it already is one).
+inline at::Tensor as_f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// (r, d_in, k, k) conv weight -> K_all (k*k*r, d_in) fp32, tap a*k+b major (reference.stacked_taps),
+// in one pass that reads each w[c] row once and writes k*k sequential streams (a permute+copy
+// through ATen walks w with stride k*k and was the largest non-GEMM cost of a decode step).
+inline at::Tensor stacked_taps(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t r = w.size(0), d_in = w.size(1), kk = w.size(2) * w.size(3);
+  at::Tensor K = at::empty({kk * r, d_in}, w.options().dtype(at::kFloat));
+  float* kp = K.data_ptr<float>();
+  MOSS_DISPATCH_FLOATS(w.scalar_type(), "moss_stacked_taps", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    at::parallel_for(0, r, row_grain(d_in * kk), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        const scalar_t* src = wp + c * d_in * kk;
+        for (int64_t tap = 0; tap < kk; ++tap) {
+          float* dst = kp + (tap * r + c) * d_in;
+          for (int64_t i = 0; i < d_in; ++i) dst[i] = static_cast<float>(src[i * kk + tap]);
+        }
+      }
+    });
+  });
+  return K;
+}
+
+// The inverse: dK_all (k*k*r, d_in) fp32 -> (r, d_in, k, k) gradient in `like`'s dtype.
+inline at::Tensor unstack_taps(const at::Tensor& dK, const at::Tensor& like) {
+  const int64_t r = like.size(0), d_in = like.size(1), kk = like.size(2) * like.size(3);
+  at::Tensor g = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+  const float* kp = dK.const_data_ptr<float>();
+  MOSS_DISPATCH_FLOATS(g.scalar_type(), "moss_unstack_taps", [&] {
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    at::parallel_for(0, r, row_grain(d_in * kk), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        scalar_t* dst = gp + c * d_in * kk;
+        for (int64_t tap = 0; tap < kk; ++tap) {
+          const float* src = kp + (tap * r + c) * d_in;
+          for (int64_t i = 0; i < d_in; ++i) dst[i * kk + tap] = static_cast<scalar_t>(src[i]);
+        }
+      }
+    });
+  });
+  return g;
+}
+
+}  // namespace moss::cpu

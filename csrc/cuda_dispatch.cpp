@@ -1,0 +1,205 @@
+// The torch side of the CUDA kernels (CUDA builds only): tensors -> raw pointers, sizes and the
+// current stream, then the launch sequence of each job. The binding has checked every tensor.
+//
+// Forward: [text] h = x_t A_t^T; out[text] += s h B_t^T.  [image] P = x_i K_all^T (all taps,
+// one GEMM, rows gathered in the loads); z = masked shifts of P (+ state reads, then writes);
+// out[image] += s z B_i^T (up-projection fused with the scatter-add into out).
+// Backward: dz = s g B_i written into dP's own-tap column; dP's other taps gathered via
+// conv_targets; dK_all = dP^T x_i; dx_i = dP K_all; dB_i = s g^T z; text likewise.
+#include "cuda_dispatch.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "include/moss_cuda.h"
+
+namespace moss::dispatch {
+namespace {
+
+using moss::cuda::DType;
+using moss::cuda::Operand;
+using moss::cuda::Output;
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    case at::kFloat: return DType::kF32;
+    default: TORCH_CHECK_TYPE(false, "moss_kernels native (CUDA): unsupported dtype ", t.scalar_type());
+  }
+}
+
+// Row-major matrix operand (rows optionally gathered).
+Operand rows_of(const at::Tensor& t, const at::Tensor& gather = at::Tensor()) {
+  return {t.data_ptr(), dtype_of(t), t.stride(0), 1, gather.defined() ? gather.data_ptr<int64_t>() : nullptr,
+          nullptr};
+}
+
+// The transpose of a row-major matrix (its rows become columns; optionally gathered).
+Operand transposed(const at::Tensor& t, const at::Tensor& gather = at::Tensor()) {
+  return {t.data_ptr(), dtype_of(t), 1, t.stride(0), nullptr,
+          gather.defined() ? gather.data_ptr<int64_t>() : nullptr};
+}
+
+Output store(const at::Tensor& t, float alpha = 1.0f, const at::Tensor& rows = at::Tensor(), bool add = false,
+             int64_t col0 = 0) {
+  auto* base = static_cast<char*>(t.data_ptr()) + col0 * t.element_size();
+  return {base, dtype_of(t), t.stride(0), rows.defined() ? rows.data_ptr<int64_t>() : nullptr, add, alpha};
+}
+
+at::Tensor stacked_taps(const at::Tensor& w) {
+  const int64_t r = w.size(0), d_in = w.size(1), k = w.size(2);
+  return w.permute({2, 3, 0, 1}).reshape({k * k * r, d_in}).contiguous();
+}
+
+void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch() { C10_CUDA_CHECK(cudaGetLastError()); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_rows,
+                                                const at::Tensor& image_rows, const at::Tensor& conv_sources,
+                                                const at::Tensor& text_a, const at::Tensor& text_b,
+                                                const at::Tensor& image_weight, const at::Tensor& image_b,
+                                                double scale, const at::Tensor& pending,
+                                                const at::Tensor& read_tokens, const at::Tensor& read_slots,
+                                                const at::Tensor& write_slots, const at::Tensor& write_sources,
+                                                const at::Tensor& write_keep) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const DType compute = dtype_of(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const float s = static_cast<float>(scale);
+  const int64_t d_in = x.size(1), d_out = out.size(1), n_t = text_rows.numel(), n_i = image_rows.numel();
+  at::Tensor text_h, image_z;
+  if (text_a.defined() && n_t > 0) {
+    const at::Tensor A = text_a.contiguous(), B = text_b.contiguous();
+    const int64_t rt = A.size(0);
+    text_h = at::empty({n_t, rt}, f32);
+    cuda::gemm(n_t, rt, d_in, rows_of(x, text_rows), transposed(A), store(text_h), compute, stream());
+    cuda::gemm(n_t, d_out, rt, rows_of(text_h), transposed(B), store(out, s, text_rows, true), compute, stream());
+    check_launch();
+  }
+  if (image_weight.defined() && n_i > 0) {
+    const int64_t r = image_weight.size(0), kk = image_weight.size(2) * image_weight.size(3);
+    const at::Tensor K = stacked_taps(image_weight), B = image_b.contiguous();
+    const at::Tensor P = at::empty({n_i, kk * r}, f32);
+    cuda::gemm(n_i, kk * r, d_in, rows_of(x, image_rows), transposed(K), store(P), compute, stream());
+    image_z = at::empty({n_i, r}, f32);
+    cuda::shift_sum(P.data_ptr<float>(), conv_sources.data_ptr<int64_t>(), n_i, kk, r, image_z.data_ptr<float>(),
+                    stream());
+    if (pending.defined()) {
+      at::Tensor pf = pending.scalar_type() == at::kFloat ? pending : pending.to(at::kFloat);
+      cuda::state_update(P.data_ptr<float>(), image_z.data_ptr<float>(), kk, r, pf.data_ptr<float>(),
+                         read_tokens.data_ptr<int64_t>(), read_slots.data_ptr<int64_t>(), read_tokens.numel(),
+                         write_slots.data_ptr<int64_t>(), write_sources.data_ptr<int64_t>(),
+                         write_keep.data_ptr<bool>(), write_slots.numel(), stream());
+      if (!pf.is_same(pending)) pending.copy_(pf);  // a non-fp32 ring went through a fp32 copy
+    }
+    cuda::gemm(n_i, d_out, r, rows_of(image_z), transposed(B), store(out, s, image_rows, true), compute, stream());
+    check_launch();
+  }
+  return {text_h, image_z};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& text_rows, const at::Tensor& image_rows,
+    const at::Tensor& conv_targets, const at::Tensor& text_a, const at::Tensor& text_b,
+    const at::Tensor& image_weight, const at::Tensor& image_b, const at::Tensor& text_h, const at::Tensor& image_z,
+    double scale, bool needs_x) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const DType compute = dtype_of(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  const float s = static_cast<float>(scale);
+  const int64_t N = x.size(0), d_in = x.size(1), d_out = grad_out.size(1);
+  const int64_t n_t = text_rows.numel(), n_i = image_rows.numel();
+  at::Tensor dx;
+  if (needs_x) {
+    const bool covered = text_a.defined() && image_weight.defined() && n_t + n_i == N;
+    dx = covered ? at::empty({N, d_in}, x.options()) : at::zeros({N, d_in}, x.options());
+  }
+  at::Tensor d_ta, d_tb, d_w, d_ib;
+  if (text_a.defined()) {
+    const at::Tensor A = text_a.contiguous(), B = text_b.contiguous();
+    const int64_t rt = A.size(0);
+    d_ta = at::zeros({rt, d_in}, f32);
+    d_tb = at::zeros({d_out, rt}, f32);
+    if (n_t > 0) {
+      const at::Tensor dh = at::empty({n_t, rt}, f32);
+      cuda::gemm(d_out, rt, n_t, transposed(grad_out, text_rows), rows_of(text_h), store(d_tb, s), compute,
+                 stream());
+      cuda::gemm(n_t, rt, d_out, rows_of(grad_out, text_rows), rows_of(B), store(dh, s), compute, stream());
+      cuda::gemm(rt, d_in, n_t, transposed(dh), rows_of(x, text_rows), store(d_ta), compute, stream());
+      if (needs_x) cuda::gemm(n_t, d_in, rt, rows_of(dh), rows_of(A), store(dx, 1.0f, text_rows), compute, stream());
+      check_launch();
+    }
+    d_ta = d_ta.to(text_a.scalar_type());
+    d_tb = d_tb.to(text_b.scalar_type());
+  }
+  if (image_weight.defined()) {
+    const int64_t r = image_weight.size(0), k = image_weight.size(2), kk = k * k;
+    at::Tensor dK = at::zeros({kk * r, d_in}, f32);
+    d_ib = at::zeros({d_out, r}, f32);
+    if (n_i > 0) {
+      const at::Tensor K = stacked_taps(image_weight), B = image_b.contiguous();
+      const at::Tensor dP = at::empty({n_i, kk * r}, f32);
+      cuda::gemm(d_out, r, n_i, transposed(grad_out, image_rows), rows_of(image_z), store(d_ib, s), compute,
+                 stream());
+      cuda::gemm(n_i, r, d_out, rows_of(grad_out, image_rows), rows_of(B), store(dP, s, {}, false, (kk - 1) * r),
+                 compute, stream());
+      cuda::fill_taps(dP.data_ptr<float>(), conv_targets.data_ptr<int64_t>(), n_i, kk, r, stream());
+      cuda::gemm(kk * r, d_in, n_i, transposed(dP), rows_of(x, image_rows), store(dK), compute, stream());
+      if (needs_x) cuda::gemm(n_i, d_in, kk * r, rows_of(dP), rows_of(K), store(dx, 1.0f, image_rows), compute,
+                              stream());
+      check_launch();
+    }
+    d_w = dK.view({k, k, r, d_in}).permute({2, 3, 0, 1}).to(image_weight.scalar_type()).contiguous();
+    d_ib = d_ib.to(image_b.scalar_type());
+  }
+  return {dx, d_ta, d_tb, d_w, d_ib};
+}
+
+void cuda_decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_a, const at::Tensor& text_b,
+                      const at::Tensor& image_weight, const at::Tensor& image_b, double scale, at::Tensor& pending,
+                      const at::Tensor& image_pos, const at::Tensor& height, const at::Tensor& width) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The kernel reads weights in x's dtype and a fp32 ring; convert where the caller's differ.
+  const auto as_x = [&](const at::Tensor& t) { return t.defined() ? t.to(x.scalar_type()).contiguous() : t; };
+  const at::Tensor ta = as_x(text_a), tb = as_x(text_b), w = as_x(image_weight), ib = as_x(image_b);
+  at::Tensor target = out.scalar_type() == x.scalar_type() && out.is_contiguous() ? out : out.to(x.scalar_type());
+  const bool image = w.defined();
+  at::Tensor ring = image && pending.scalar_type() != at::kFloat ? pending.to(at::kFloat) : pending;
+  cuda::DecodeArgs a{};
+  a.dtype = dtype_of(x);
+  a.x = x.data_ptr();
+  a.ldx = x.stride(0);
+  a.out = target.data_ptr();
+  a.batch = x.size(0);
+  a.d_in = x.size(1);
+  a.d_out = out.size(1);
+  a.text_a = ta.defined() ? ta.data_ptr() : nullptr;
+  a.text_b = tb.defined() ? tb.data_ptr() : nullptr;
+  a.r_text = ta.defined() ? ta.size(0) : 0;
+  a.image_weight = image ? w.data_ptr() : nullptr;
+  a.image_b = image ? ib.data_ptr() : nullptr;
+  a.r = image ? w.size(0) : 0;
+  a.k = image ? w.size(2) : 1;
+  a.scale = static_cast<float>(scale);
+  a.pending = image ? ring.data_ptr<float>() : nullptr;
+  a.capacity = image ? ring.size(1) : 0;
+  a.image_pos = image_pos.data_ptr<int64_t>();
+  a.height = height.data_ptr<int64_t>();
+  a.width = width.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(a.k <= cuda::kMaxKernelSize, "moss_kernels native (CUDA): decode takes kernel sizes up to ",
+                    cuda::kMaxKernelSize, ", got ", a.k);
+  TORCH_CHECK_VALUE(a.r <= 512, "moss_kernels native (CUDA): decode takes ranks up to 512, got ", a.r);
+  TORCH_CHECK_VALUE(a.r_text <= 12288, "moss_kernels native (CUDA): decode takes text ranks up to 12288, got ",
+                    a.r_text);
+  cuda::decode_step(a, stream());
+  check_launch();
+  if (!ring.is_same(pending)) pending.copy_(ring);
+  if (!target.is_same(out)) out.copy_(target);
+}
+
+}  // namespace moss::dispatch

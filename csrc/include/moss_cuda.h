@@ -1,0 +1,82 @@
+// Torch-free interface of the CUDA kernels (csrc/cuda/*.cu): raw pointers, sizes and a stream
+// (passed as void* so that this header needs no CUDA headers). cuda_dispatch.cpp fills these from
+// checked tensors. Every index and offset is 64-bit.
+#pragma once
+
+#include <cstdint>
+
+namespace moss::cuda {
+
+enum class DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+// A GEMM operand: element (i, j) lives at data[row(i) * stride_r + col(j) * stride_c], where
+// row(i) = gather_r ? gather_r[i] : i and col(j) likewise (gathering image or text rows happens in
+// the loads; nothing is copied first).
+struct Operand {
+  const void* data;
+  DType dtype;
+  int64_t stride_r;
+  int64_t stride_c;
+  const int64_t* gather_r;
+  const int64_t* gather_c;
+};
+
+// Where C = alpha * A B goes: row i of C is row (rows ? rows[i] : i) of `data` (leading
+// dimension ld); `accumulate` adds into what is there (rounded once) instead of overwriting.
+struct Output {
+  void* data;
+  DType dtype;
+  int64_t ld;
+  const int64_t* rows;
+  bool accumulate;
+  float alpha;
+};
+
+// C (m x n) = alpha * A (m x k) B (k x n) on tensor cores (compute = kF16/kBF16: operands rounded
+// to it, fp32 accumulation) or FMA units (compute = kF32, exact fp32). Each output tile is owned
+// by one block that runs the whole k loop: deterministic, no atomics.
+void gemm(int64_t m, int64_t n, int64_t k, const Operand& a, const Operand& b, const Output& c, DType compute,
+          void* stream);
+
+// z[t, :] = sum over taps with sources[t, tap] >= 0 of P[sources[t, tap], tap * r : (tap + 1) * r].
+// P: (n_src, kk * r) fp32; z: (n, r) fp32.
+void shift_sum(const float* P, const int64_t* sources, int64_t n, int64_t kk, int64_t r, float* z, void* stream);
+
+// State reads (z[read_tokens[i]] += pending[read_slots[i]]) then writes (pending[write_slots[i]] =
+// taps reaching it + (write_keep[i] ? old : 0)); the two launches are stream-ordered.
+void state_update(const float* P, float* z, int64_t kk, int64_t r, float* pending, const int64_t* read_tokens,
+                  const int64_t* read_slots, int64_t n_read, const int64_t* write_slots, const int64_t* write_sources,
+                  const bool* write_keep, int64_t n_write, void* stream);
+
+// dP[t, tap] = dP[targets[t, tap], kk - 1] or 0 for tap < kk - 1 (dz sits in the own-tap column).
+void fill_taps(float* dP, const int64_t* targets, int64_t n, int64_t kk, int64_t r, void* stream);
+
+// One decode step (reference.decode_step): x (batch, d_in) rows with leading dimension ldx, out
+// (batch, d_out) contiguous, both `dtype`; weights in `dtype`, contiguous, null when absent;
+// image_weight in nn.Conv2d layout (r, d_in, k, k), 1 <= k <= 4; pending (batch, capacity, r) fp32.
+// Rows whose image position is beyond the image or whose ring would not fit are left unchanged.
+struct DecodeArgs {
+  DType dtype;
+  const void* x;
+  int64_t ldx;
+  void* out;
+  int64_t batch, d_in, d_out;
+  const void* text_a;
+  const void* text_b;
+  int64_t r_text;
+  const void* image_weight;
+  const void* image_b;
+  int64_t r, k;
+  float scale;
+  float* pending;
+  int64_t capacity;
+  const int64_t* image_pos;
+  const int64_t* height;
+  const int64_t* width;
+};
+void decode_step(const DecodeArgs& args, void* stream);
+
+// Largest kernel size decode_step is instantiated for.
+constexpr int64_t kMaxKernelSize = 4;
+
+}  // namespace moss::cuda

@@ -1,0 +1,198 @@
+"""The native backend: the compiled ``csrc/`` extension (CPU kernels, and CUDA kernels in a CUDA build).
+
+On import this module finds the extension and registers the ``"native"`` backend:
+
+1. ``moss_kernels._C``, built by ``pip install --no-build-isolation .`` (or ``-e .``), is used when it
+   was built against the installed torch and, in a source checkout, from the current ``csrc/``;
+2. otherwise ``csrc/`` is compiled with ninja (``torch.utils.cpp_extension.load``) into a cache
+   directory keyed by the torch version, the Python version, CUDA or not and the sources' hash,
+   so the build happens once per environment (a few minutes on two cores) and later imports load it.
+
+CUDA kernels are built only where torch has CUDA and nvcc is found (``CUDA_HOME``); the archs come
+from ``TORCH_CUDA_ARCH_LIST`` (default ``"8.0+PTX;9.0a"``: sm_80, sm_90a and compute_80 PTX).
+
+Environment:
+
+* ``MOSS_KERNELS_NATIVE=0`` — do not load or build the extension (no ``"native"`` backend);
+* ``MOSS_KERNELS_FORCE_BUILD=1`` — ignore ``_C`` and any cached build and compile again;
+* ``MOSS_KERNELS_CACHE_DIR`` — where JIT builds go (default ``$XDG_CACHE_HOME/moss_kernels`` or
+  ``~/.cache/moss_kernels``);
+* ``MOSS_KERNELS_VERBOSE_BUILD=1`` — show the compiler's output.
+
+Any failure raises ``ImportError`` with the reason; ``moss_kernels.backends`` records it, warns
+once and falls back to the other backends, so ``import moss_kernels`` never breaks.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+from .backends import Backend, register_backend
+
+__all__ = ["NativeBackend", "build_info", "extension"]
+
+_PKG = Path(__file__).resolve().parent
+# A source checkout (editable install) has csrc/ beside the package; a wheel ships it as _csrc.
+_CSRC_CANDIDATES = (_PKG.parent / "csrc", _PKG / "_csrc")
+
+
+def _flag(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _csrc() -> Optional[Path]:
+    for path in _CSRC_CANDIDATES:
+        if (path / "build_config.py").is_file() and (path / "binding.cpp").is_file():
+            return path
+    return None
+
+
+def _build_config(csrc: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_moss_kernels_build_config", csrc / "build_config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _want_cuda() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _torch_version() -> str:
+    return torch.__version__.split("+")[0]
+
+
+def _prebuilt(csrc: Optional[Path], config: Optional[ModuleType]) -> tuple[Optional[ModuleType], str]:
+    """``moss_kernels._C`` if it fits this environment, else ``(None, why not)``."""
+    try:
+        from . import _C
+    except ImportError as e:
+        return None, f"no prebuilt moss_kernels._C ({e})"
+    if _C.torch_version != _torch_version():
+        return None, f"moss_kernels._C was built against torch {_C.torch_version}, this is {_torch_version()}"
+    if config is not None and _C.source_hash != config.source_hash(csrc):
+        return None, "moss_kernels._C was built from other csrc/ sources"
+    if _want_cuda() and not _C.with_cuda():
+        return None, "moss_kernels._C has no CUDA kernels but torch and nvcc have CUDA"
+    return _C, ""
+
+
+def _cache_root() -> Path:
+    if os.environ.get("MOSS_KERNELS_CACHE_DIR"):
+        return Path(os.environ["MOSS_KERNELS_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "moss_kernels"
+
+
+def _jit_build(csrc: Path, config: ModuleType, force: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load, verify_ninja_availability
+
+    try:
+        verify_ninja_availability()
+    except RuntimeError as e:
+        raise ImportError(f"cannot build the native extension: ninja is missing ({e}); pip install ninja") from None
+    with_cuda = _want_cuda()
+    digest = config.source_hash(csrc)
+    tag = (f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-"
+           f"{'cu' + str(torch.version.cuda) if with_cuda else 'cpu'}-{digest}").replace("+", "_")
+    build_dir = _cache_root() / tag
+    if force and build_dir.exists():
+        shutil.rmtree(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = config.cpu_sources(csrc) + (config.cuda_sources(csrc) if with_cuda else [])
+    try:
+        return load(
+            name=f"moss_kernels_native_{digest}",
+            sources=sources,
+            extra_cflags=config.cxx_flags(with_cuda, digest),
+            extra_cuda_cflags=config.nvcc_flags(digest) if with_cuda else None,
+            extra_ldflags=config.ld_flags(),
+            extra_include_paths=[str(csrc)],
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            verbose=_flag("MOSS_KERNELS_VERBOSE_BUILD", "0"),
+        )
+    except Exception as e:
+        raise ImportError(f"building the native extension in {build_dir} failed: {type(e).__name__}: "
+                          f"{str(e)[-2000:]}") from e
+
+
+def _load() -> tuple[ModuleType, str]:
+    if not _flag("MOSS_KERNELS_NATIVE", "1"):
+        raise ImportError("the native backend is disabled (MOSS_KERNELS_NATIVE=0)")
+    csrc = _csrc()
+    config = _build_config(csrc) if csrc is not None else None
+    force = _flag("MOSS_KERNELS_FORCE_BUILD", "0")
+    why = "MOSS_KERNELS_FORCE_BUILD=1"
+    if not force:
+        ext, why = _prebuilt(csrc, config)
+        if ext is not None:
+            return ext, "prebuilt moss_kernels._C"
+    if csrc is None:
+        raise ImportError(f"{why}, and no csrc/ sources to build from; reinstall with "
+                          "`pip install --no-build-isolation .`")
+    return _jit_build(csrc, config, force), f"JIT build ({why})"
+
+
+extension, _origin = _load()
+
+
+def build_info() -> dict:
+    """Where the extension came from and what it contains."""
+    return {"origin": _origin, "file": getattr(extension, "__file__", None), "torch_version": extension.torch_version,
+            "source_hash": extension.source_hash, "with_cuda": extension.with_cuda()}
+
+
+def _x_rows(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows with a unit column stride (any row stride)."""
+    return x if x.dim() == 2 and (x.shape[1] <= 1 or x.stride(1) == 1) else x.contiguous()
+
+
+class NativeBackend(Backend):
+    """The compiled kernels; arguments and results exactly those of ``reference.forward``,
+    ``reference.backward`` and ``reference.decode_step``. float32/float16/bfloat16 with float32
+    accumulation (float64 stays with the reference backend)."""
+
+    name = "native"
+
+    def is_available(self, device: torch.device) -> bool:
+        device = torch.device(device)
+        if device.type == "cpu":
+            return True
+        return device.type == "cuda" and extension.with_cuda() and torch.cuda.is_available()
+
+    def supports(self, device: torch.device, dtype: torch.dtype, kernel_size: int) -> bool:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return False
+        return torch.device(device).type == "cpu" or kernel_size <= extension.max_cuda_kernel_size()
+
+    @staticmethod
+    def forward(x, out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight, image_b, scale,
+                pending=None, state_index=None):
+        si = state_index if state_index is not None else (None,) * 5
+        return extension.forward(_x_rows(x), out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight,
+                                 image_b, float(scale), pending, *si)
+
+    @staticmethod
+    def backward(grad_out, x, text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b, text_h,
+                 image_z, scale, needs_x=True):
+        return extension.backward(_x_rows(grad_out), _x_rows(x), text_rows, image_rows, conv_targets, text_a, text_b,
+                                  image_weight, image_b, text_h, image_z, float(scale), bool(needs_x))
+
+    @staticmethod
+    def decode_step(x, out, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width):
+        extension.decode_step(_x_rows(x), out, text_a, text_b, image_weight, image_b, float(scale), pending,
+                              image_pos, height, width)
+
+
+register_backend(NativeBackend())
