@@ -103,6 +103,13 @@ void check_range(const at::Tensor& t, const char* name, int64_t lo, int64_t hi) 
                     mx, "], outside [", lo, ", ", hi, ")");
 }
 
+// A 1-D int64 list of row indices into a tensor of `n` rows.
+void check_row_list(const at::Tensor& t, const char* name, const at::Device& device, int64_t n) {
+  check_index(t, name, device);
+  check_shape(t, name, {-1});
+  check_range(t, name, 0, n);
+}
+
 struct Adapters {
   at::Tensor ta, tb, w, ib;
   int64_t r_t = 0, r = 0, k = 0, d_out = -1;
@@ -154,12 +161,8 @@ std::tuple<OptT, OptT> forward(const at::Tensor& x, at::Tensor out, const at::Te
   const int64_t N = x.size(0), d_in = x.size(1);
   check_shape(out, "out", {N, -1});
   const Adapters a = check_adapters(text_a, text_b, image_weight, image_b, d_in, out.size(1), dev);
-  check_index(text_rows, "text_rows", dev);
-  check_shape(text_rows, "text_rows", {-1});
-  check_range(text_rows, "text_rows", 0, N);
-  check_index(image_rows, "image_rows", dev);
-  check_shape(image_rows, "image_rows", {-1});
-  check_range(image_rows, "image_rows", 0, N);
+  check_row_list(text_rows, "text_rows", dev, N);
+  check_row_list(image_rows, "image_rows", dev, N);
   const int64_t n_i = image_rows.size(0), kk = a.k * a.k;
   moss::cpu::StateArgs st;
   if (a.w.defined()) {
@@ -218,12 +221,8 @@ std::tuple<OptT, OptT, OptT, OptT, OptT> backward(const at::Tensor& grad_out, co
   const int64_t N = x.size(0), d_in = x.size(1);
   check_shape(grad_out, "grad_out", {N, -1});
   const Adapters a = check_adapters(text_a, text_b, image_weight, image_b, d_in, grad_out.size(1), dev);
-  check_index(text_rows, "text_rows", dev);
-  check_shape(text_rows, "text_rows", {-1});
-  check_range(text_rows, "text_rows", 0, N);
-  check_index(image_rows, "image_rows", dev);
-  check_shape(image_rows, "image_rows", {-1});
-  check_range(image_rows, "image_rows", 0, N);
+  check_row_list(text_rows, "text_rows", dev, N);
+  check_row_list(image_rows, "image_rows", dev, N);
   const int64_t n_t = text_rows.size(0), n_i = image_rows.size(0);
   at::Tensor th = opt(text_h), iz = opt(image_z);
   if (a.ta.defined() && n_t > 0) {
