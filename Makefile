@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/python -m moss_kernels.demo
 
 test: setup
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests benchmarks -q -p no:cacheprovider --benchmark-disable
 
 bench: setup
 	$(BIN)/python -m moss_kernels.bench --quick
