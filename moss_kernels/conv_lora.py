@@ -237,6 +237,22 @@ def _check_adapters(x: Tensor, text_a, text_b, image_weight, image_b) -> int:
     return d_out
 
 
+def _check_positions(image_pos: Tensor, height: Tensor, width: Tensor, k: int, capacity: int) -> None:
+    """Every image row's position lies in its image and its ring fits the state: a bad one would
+    index another sequence's slots. On the CPU the values are at hand; on a GPU the check runs on
+    the device without a synchronisation (graph-capturable)."""
+    if image_pos.device.type == "cpu":
+        for b, (p, h, w) in enumerate(zip(image_pos.tolist(), height.tolist(), width.tolist())):
+            if p >= 0 and not (p < h * w and (k - 1) * (w + 1) <= capacity):
+                raise ValueError(f"image_pos[{b}] = {p} of a {h}x{w} image: beyond the image, or the state's "
+                                 f"capacity {capacity} is below (k-1)*(width+1) = {(k - 1) * (w + 1)} "
+                                 "(reserve the width first)")
+        return
+    fits = (image_pos < height * width) & ((k - 1) * (width + 1) <= capacity)
+    torch._assert_async((fits | (image_pos < 0)).all(),
+                        "moss_lora_step: image_pos beyond the image, or state capacity below (k-1)*(width+1)")
+
+
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number, got {scale!r}")
@@ -402,12 +418,7 @@ def moss_lora_step(
         if state.pending.device != x.device:
             raise ValueError(f"state is on {state.pending.device}, x on {x.device}")
         if k > 1:
-            # Checked on the device, without a sync: a position beyond its image, or a width the ring
-            # cannot hold, would index another sequence's slots.
-            fits = (image_pos < height * width) & ((k - 1) * (width + 1) <= state.capacity)
-            torch._assert_async((fits | (image_pos < 0)).all(),
-                                "moss_lora_step: image_pos beyond the image, or state capacity below (k-1)*(width+1)"
-                                " (reserve the width first)")
+            _check_positions(image_pos, height, width, k, state.capacity)
         pending = state.pending
         state.mark_unchecked()
     else:
