@@ -31,19 +31,14 @@ static void gather_taps(float* dP, const int64_t* targets, int64_t n, int64_t kk
 //   d_down += dR^T x[rows];  dx[rows] = dR down.
 static void down_backward(const at::Tensor& x, const int64_t* rows, int64_t n, const at::Tensor& dR,
                           const at::Tensor& down, at::Tensor& d_down, at::Tensor* dx) {
-  const int64_t d_in = x.size(1), blk = block_rows(d_in);
-  at::Tensor buf = at::empty({std::min(n, blk), d_in}, x.options().dtype(at::kFloat));
-  for (int64_t b0 = 0; b0 < n; b0 += blk) {
-    const int64_t nb = std::min(blk, n - b0);
-    at::Tensor xb = buf.narrow(0, 0, nb);
-    gather_rows(x, rows + b0, nb, xb.data_ptr<float>(), 1.0f);
+  for_gathered_blocks(x, rows, n, [&](at::Tensor& xb, int64_t b0, int64_t nb) {
     at::Tensor dRb = dR.narrow(0, b0, nb);
     d_down.addmm_(dRb.t(), xb, b0 == 0 ? 0.0 : 1.0);  // beta = 0 first: d_down starts uninitialised
     if (dx) {
       at::mm_out(xb, dRb, down);  // the x block is consumed: its buffer takes dx's block
-      scatter_rows(*dx, rows + b0, nb, xb.data_ptr<float>(), d_in);
+      scatter_rows(*dx, rows + b0, nb, xb.data_ptr<float>(), x.size(1));
     }
-  }
+  });
 }
 
 // Scaled output gradient in blocks: d_up += g^T h, dR[:, col0:col0+R] = g up (dR has leading dim ldr).

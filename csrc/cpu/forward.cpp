@@ -10,15 +10,10 @@ namespace moss::cpu {
 // dst (n, m) fp32 = x[rows] @ wT, wT: (d_in, m) fp32 (a transposed view is fine: BLAS transposes).
 static void down_project(const at::Tensor& x, const int64_t* rows, int64_t n, const at::Tensor& wT,
                          at::Tensor& dst) {
-  const int64_t d_in = x.size(1), blk = block_rows(d_in);
-  at::Tensor buf = at::empty({std::min(n, blk), d_in}, x.options().dtype(at::kFloat));
-  for (int64_t b0 = 0; b0 < n; b0 += blk) {
-    const int64_t nb = std::min(blk, n - b0);
-    at::Tensor xb = buf.narrow(0, 0, nb);
-    gather_rows(x, rows + b0, nb, xb.data_ptr<float>(), 1.0f);
+  for_gathered_blocks(x, rows, n, [&](at::Tensor& xb, int64_t b0, int64_t nb) {
     at::Tensor dst_b = dst.narrow(0, b0, nb);
     at::mm_out(dst_b, xb, wT);
-  }
+  });
 }
 
 // out[rows] += scale * (h @ bT), in blocks that bound the d_out-wide fp32 delta buffer.

@@ -40,6 +40,20 @@ inline void gather_rows(const at::Tensor& src, const int64_t* rows, int64_t n, f
   });
 }
 
+// Gathers x[rows] in blocks of block_rows(d_in) rows into one fp32 buffer (so a block stays in
+// cache while its GEMMs run) and calls fn(xb, b0, nb) on each; fn may overwrite xb.
+template <typename Fn>
+inline void for_gathered_blocks(const at::Tensor& x, const int64_t* rows, int64_t n, Fn&& fn) {
+  const int64_t d_in = x.size(1), blk = block_rows(d_in);
+  at::Tensor buf = at::empty({std::min(n, blk), d_in}, x.options().dtype(at::kFloat));
+  for (int64_t b0 = 0; b0 < n; b0 += blk) {
+    const int64_t nb = std::min(blk, n - b0);
+    at::Tensor xb = buf.narrow(0, 0, nb);
+    gather_rows(x, rows + b0, nb, xb.data_ptr<float>(), 1.0f);
+    fn(xb, b0, nb);
+  }
+}
+
 // out[rows[i], :] = round(float(out[rows[i], :]) + scale * delta[i, :]): one rounding per element,
 // as the reference's `_add_rows`. delta: fp32 rows with leading dimension ld.
 inline void scatter_add_rows(at::Tensor& out, const int64_t* rows, int64_t n, const float* delta, int64_t ld,
