@@ -74,3 +74,16 @@ def ground_truth(x, layout, text_a, text_b, image_weight, image_b, scale=1.0) ->
     """The float64 delta from the literal definition (``F.pad`` + ``F.conv2d``)."""
     d = lambda t: None if t is None else t.detach().double()
     return literal_moss_lora(d(x), layout, d(text_a), d(text_b), d(image_weight), d(image_b), scale)
+
+
+def randomize_adapters(model: torch.nn.Module, seed: int = 0) -> None:
+    """Nonzero ``B`` matrices in every adapted layer of ``model`` (an untrained adapter is the
+    identity and would hide routing bugs)."""
+    from .model import adapted_layers  # imported here: the layout/op helpers above need no model code
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapted_layers(model).values():
+            for p in (layer.text_B, layer.image_B):
+                if p is not None:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)

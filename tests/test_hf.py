@@ -12,19 +12,10 @@ import moss_kernels as mk  # noqa: E402
 from moss_kernels.layout import ImageLayout  # noqa: E402
 from moss_kernels.model import adapted_layers, current_layout  # noqa: E402
 from moss_kernels.model.hf import MossCache, lm_logits  # noqa: E402
-from moss_kernels.testing import assert_close_rel, ground_truth  # noqa: E402
+from moss_kernels.testing import assert_close_rel, ground_truth, randomize_adapters  # noqa: E402
 
 GRID = (2, 3)
 BOI = 60
-
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            for p in (layer.text_B, layer.image_B):
-                if p is not None:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def checkpointing(model, on=True, use_reentrant=False):
@@ -45,7 +36,7 @@ def llama(seed=0, **moss):
                                    pad_token_id=0, bos_token_id=1, eos_token_id=None)  # no early stop
     model = transformers.LlamaForCausalLM(cfg)
     mk.inject_moss(model, mk.MossConfig(rank=4, alpha=8, dropout=0.0, boi_token_id=BOI, grid=GRID, **moss))
-    randomize(model, seed)
+    randomize_adapters(model, seed)
     return model.eval()
 
 
@@ -161,7 +152,7 @@ def chameleon(seed=0):
     model = transformers.ChameleonForConditionalGeneration(cfg)
     boi = vocab["<racm3:break>"]
     mk.inject_moss(model, mk.MossConfig(rank=4, alpha=8, dropout=0.0, boi_token_id=boi, grid=GRID))
-    randomize(model, seed)
+    randomize_adapters(model, seed)
     return model.eval(), boi
 
 

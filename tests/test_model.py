@@ -19,7 +19,7 @@ from moss_kernels.model.decoder import (
     generation_mask,
     interleaved_batch,
 )
-from moss_kernels.testing import TOLERANCE, assert_close_rel, ground_truth, rel_err
+from moss_kernels.testing import TOLERANCE, assert_close_rel, ground_truth, randomize_adapters, rel_err
 
 GRID = (3, 4)
 
@@ -29,16 +29,6 @@ def tiny_config(**kw) -> DecoderConfig:
                 num_layers=2, num_heads=4, num_kv_heads=2)
     base.update(kw)
     return DecoderConfig(**base)
-
-
-def randomize_adapters(model: nn.Module, seed: int = 0) -> None:
-    """Nonzero B matrices (an untrained adapter is the identity and would hide routing bugs)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapted_layers(model).values():
-            for p in (layer.text_B, layer.image_B):
-                if p is not None:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
 def make_model(adapter="moss", routing="input", seed=0, dtype=torch.float32, kernel_size=2, **cfg_kw):

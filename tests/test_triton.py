@@ -23,7 +23,7 @@ pytest.importorskip("triton", reason="the Triton backend needs the triton packag
 
 import moss_kernels as mk  # noqa: E402
 from moss_kernels import backends  # noqa: E402
-from moss_kernels.layout import ImageLayout, ImageSpan  # noqa: E402
+from moss_kernels.layout import ImageLayout  # noqa: E402
 from moss_kernels.testing import TOLERANCE, assert_close_rel, ground_truth, random_adapters, random_layout  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -253,16 +253,6 @@ def test_deterministic_bits():
 
 
 # ---------------------------------------------------------------------------- state: chunked prefill
-def _chunk(layout: ImageLayout, c0: int, c1: int) -> ImageLayout:
-    """The layout of positions ``[c0, c1)``: spans clipped, continued ones with ``offset > 0``."""
-    spans = []
-    for s in layout.spans:
-        lo, hi = max(s.start, c0), min(s.start + s.length, c1)
-        if lo < hi:
-            spans.append(ImageSpan(s.batch, lo - c0, s.height, s.width, s.offset + lo - s.start, hi - lo))
-    return ImageLayout.from_spans(layout.batch_size, c1 - c0, spans)
-
-
 @pytest.mark.parametrize("seed,k,dtype", [(30, 2, torch.float32), (31, 3, torch.float32), (32, 2, torch.float16),
                                           (33, 1, torch.float32)])
 def test_chunked_prefill_with_state_equals_full_forward(seed, k, dtype):
@@ -274,7 +264,7 @@ def test_chunked_prefill_with_state_equals_full_forward(seed, k, dtype):
     with torch.no_grad():
         for name in ("triton", "reference"):
             st = mk.ConvLoRAState(lay.batch_size, 5, k, device=DEVICE, max_width=lay.max_width)
-            outs[name] = torch.cat([mk.moss_lora(x[:, a:b], _chunk(lay, a, b), *ad, scale=0.8, state=st,
+            outs[name] = torch.cat([mk.moss_lora(x[:, a:b], lay.window(a, b), *ad, scale=0.8, state=st,
                                                  backend=name) for a, b in chunks], dim=1)
             states[name] = st.pending
     assert_close_rel(outs["triton"], ground_truth(x, lay, *ad, scale=0.8), _tol(dtype), "chunked vs full")
@@ -295,7 +285,7 @@ def test_state_slots_not_kept_are_overwritten_not_read():
             st = mk.ConvLoRAState(2, 4, 2, device=DEVICE, max_width=5)
             if poison:
                 st.pending.fill_(float("nan"))
-            results.append(torch.cat([mk.moss_lora(x[:, a:b], _chunk(lay, a, b), *ad, state=st, backend="triton")
+            results.append(torch.cat([mk.moss_lora(x[:, a:b], lay.window(a, b), *ad, state=st, backend="triton")
                                       for a, b in [(0, 9), (9, 17), (17, 30)]], dim=1))
     assert torch.isfinite(results[1]).all()
     assert torch.equal(results[0], results[1])
@@ -325,7 +315,7 @@ def test_prefill_then_decode_matches_full_forward_and_reference_step(seed, k, dt
         for name in ("triton", "reference"):
             st = mk.ConvLoRAState(3, 5, k, device=DEVICE, max_width=max(lay.max_width, 1))
             if image:
-                mk.moss_lora(x[:, :prefill], _chunk(lay, 0, prefill), *ad, scale=0.6, state=st, backend=name)
+                mk.moss_lora(x[:, :prefill], lay.window(0, prefill), *ad, scale=0.6, state=st, backend=name)
             outs = []
             for s in range(prefill, lay.seq_len):
                 outs.append(mk.moss_lora_step(x[:, s], *ad, 0.6, st if image else None, *_positions(lay, s),
