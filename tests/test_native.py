@@ -35,6 +35,9 @@ LAYOUTS = {
     "odd": (1, 23, 13, 11, 3, 5, [(0, 4, 3, 5), (0, 20, 2, 2)]),  # odd sizes, second image cut
     "image_only": (2, 20, 16, 8, 4, 6, [(0, 0, 4, 5), (1, 0, 5, 4)]),
     "text_only": (2, 9, 16, 8, 4, 6, []),
+    # runs of >= 64 consecutive rows go to BLAS in place (fp32), shorter ones are gathered: text
+    # [92, 190) and [200+100, 400), images [5, 77) and [200, 300) are long; the rest short
+    "long_runs": (2, 200, 24, 20, 6, 8, [(0, 5, 9, 8), (0, 80, 3, 4), (0, 190, 3, 4), (1, 0, 10, 10)]),
 }
 
 
@@ -107,7 +110,7 @@ def test_forward_backward_vs_truth(name, dtype, k):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["mixed", "odd", "columns"])
+@pytest.mark.parametrize("name", ["mixed", "odd", "columns", "long_runs"])
 def test_matches_reference_backend(name, dtype):
     layout, x, weights = make_case(name, dtype, 2, seed=3)
     outs, grads = [], []
@@ -141,8 +144,9 @@ def test_conv_lora_only_and_mixed_weight_dtypes():
         assert rel(a.grad, c.grad) <= 1e-2
 
 
-def test_deterministic():
-    layout, x, weights = make_case("mixed", torch.float32, 2, seed=5)
+@pytest.mark.parametrize("name", ["mixed", "long_runs"])
+def test_deterministic(name):
+    layout, x, weights = make_case(name, torch.float32, 2, seed=5)
     runs = []
     for _ in range(3):
         xs = x.clone().requires_grad_()
@@ -157,8 +161,9 @@ def test_deterministic():
 
 # ---------------------------------------------------------------------------- out= and strides
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_out_accumulates_and_leaves_the_rest_alone(dtype):
-    layout, x, weights = make_case("mixed", dtype, 2, seed=7)
+@pytest.mark.parametrize("name", ["mixed", "long_runs"])
+def test_out_accumulates_and_leaves_the_rest_alone(name, dtype):
+    layout, x, weights = make_case(name, dtype, 2, seed=7)
     B, S, _ = x.shape
     d_out = weights[3].shape[0]
     # out's rows are strided inside a NaN-poisoned buffer; only its d_out columns may change
@@ -177,8 +182,9 @@ def test_out_accumulates_and_leaves_the_rest_alone(dtype):
     assert rel(out[~text], want[~text]) <= tol
 
 
-def test_strided_x_rows():
-    layout, x, weights = make_case("odd", torch.float32, 2, seed=8)
+@pytest.mark.parametrize("name", ["odd", "long_runs"])
+def test_strided_x_rows(name):
+    layout, x, weights = make_case(name, torch.float32, 2, seed=8)
     big = torch.randn(*x.shape[:2], x.shape[2] + 5)
     big[..., : x.shape[2]] = x
     strided = big[..., : x.shape[2]]
@@ -186,7 +192,8 @@ def test_strided_x_rows():
     with torch.no_grad():
         a = mk.moss_lora(strided, layout, *weights, 1.0, backend="native")
         b = mk.moss_lora(x, layout, *weights, 1.0, backend="native")
-    assert torch.equal(a, b)
+    # long runs go to BLAS in place, whose summation order may depend on the leading dimension
+    assert torch.equal(a, b) if name == "odd" else rel(a, b) <= 1e-6
 
 
 # ---------------------------------------------------------------------------- state: chunked prefill, decoding
@@ -200,7 +207,7 @@ def chunk_layout(layout: mk.ImageLayout, c0: int, c1: int) -> mk.ImageLayout:
 
 
 @pytest.mark.parametrize("k", [2, 3])
-@pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd"])
+@pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd", "long_runs"])
 def test_chunked_prefill_equals_full_forward(name, k):
     layout, x, weights = make_case(name, torch.float32, k, seed=11)
     B, S, _ = x.shape

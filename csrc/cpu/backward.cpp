@@ -26,32 +26,49 @@ static void gather_taps(float* dP, const int64_t* targets, int64_t n, int64_t kk
 }
 
 // One adapter's backward over `rows`, given its down-projection weight as a (R, d_in) matrix
-// `down` and a function producing dR (n, R) blocks from the scaled output gradient.
-// Text: R = r_t, dR = g B_t. Image: R = k*k*r, dR = dP (needs every dz first, hence two passes).
-//   d_down += dR^T x[rows];  dx[rows] = dR down.
+// `down` and dR (n, R): text R = r_t, dR = g B_t; image R = k*k*r, dR = dP (needs every dz first,
+// hence after up_backward).  d_down = dR^T x[rows];  dx[rows] = dR down.
 static void down_backward(const at::Tensor& x, const int64_t* rows, int64_t n, const at::Tensor& dR,
                           const at::Tensor& down, at::Tensor& d_down, at::Tensor* dx) {
-  for_gathered_blocks(x, rows, n, [&](at::Tensor& xb, int64_t b0, int64_t nb) {
-    at::Tensor dRb = dR.narrow(0, b0, nb);
-    d_down.addmm_(dRb.t(), xb, b0 == 0 ? 0.0 : 1.0);  // beta = 0 first: d_down starts uninitialised
-    if (dx) {
-      at::mm_out(xb, dRb, down);  // the x block is consumed: its buffer takes dx's block
-      scatter_rows(*dx, rows + b0, nb, xb.data_ptr<float>(), x.size(1));
+  bool first = true;  // beta = 0 on the first block: d_down starts uninitialised
+  for_row_blocks(x, rows, n, [&](const at::Tensor& xb, const RowBlock& b, bool scratch) {
+    const at::Tensor dRb = dR.narrow(0, b.b0, b.nb);
+    d_down.addmm_(dRb.t(), xb, first ? 0.0 : 1.0);
+    first = false;
+    if (!dx) return;
+    if (!scratch) {  // a direct run of fp32 rows: dx's rows are written in place
+      at::Tensor dst = dx->narrow(0, b.first, b.nb);
+      at::mm_out(dst, dRb, down);
+      return;
     }
+    at::Tensor xbuf = xb;  // the gathered x block is consumed: its buffer takes dx's block
+    at::mm_out(xbuf, dRb, down);
+    scatter_rows(*dx, rows + b.b0, b.nb, xbuf.data_ptr<float>(), x.size(1));
   });
 }
 
-// Scaled output gradient in blocks: d_up += g^T h, dR[:, col0:col0+R] = g up (dR has leading dim ldr).
+// d_up = scale g[rows]^T h,  dR_cols = scale g[rows] up  (dR_cols may be a column slice of a wider
+// matrix). Direct runs of a fp32 gradient are read in place; the rest is gathered (and scaled).
 static void up_backward(const at::Tensor& grad, const int64_t* rows, int64_t n, const at::Tensor& h,
                         const at::Tensor& up, float scale, at::Tensor& d_up, at::Tensor& dR_cols) {
   const int64_t d_out = grad.size(1), blk = block_rows(d_out);
-  at::Tensor gbuf = at::empty({std::min(n, blk), d_out}, grad.options().dtype(at::kFloat));
-  for (int64_t b0 = 0; b0 < n; b0 += blk) {
-    const int64_t nb = std::min(blk, n - b0);
-    at::Tensor gb = gbuf.narrow(0, 0, nb);
-    gather_rows(grad, rows + b0, nb, gb.data_ptr<float>(), scale);
-    d_up.addmm_(gb.t(), h.narrow(0, b0, nb), b0 == 0 ? 0.0 : 1.0);
-    at::Tensor dst = dR_cols.narrow(0, b0, nb);
+  at::Tensor gbuf;
+  bool first = true;
+  for (const RowBlock& b : plan_row_blocks(rows, n, blk, direct_ok(grad))) {
+    at::Tensor dst = dR_cols.narrow(0, b.b0, b.nb);
+    const at::Tensor hb = h.narrow(0, b.b0, b.nb);
+    const double beta = first ? 0.0 : 1.0;
+    first = false;
+    if (b.direct) {
+      const at::Tensor gb = grad.narrow(0, b.first, b.nb);
+      d_up.addmm_(gb.t(), hb, beta, scale);
+      at::addmm_out(dst, dst, gb, up, 0.0, scale);  // beta = 0: dst's old contents are ignored
+      continue;
+    }
+    if (!gbuf.defined()) gbuf = at::empty({std::min(n, blk), d_out}, grad.options().dtype(at::kFloat));
+    at::Tensor gb = gbuf.narrow(0, 0, b.nb);
+    gather_rows(grad, rows + b.b0, b.nb, gb.data_ptr<float>(), scale);
+    d_up.addmm_(gb.t(), hb, beta);
     at::mm_out(dst, gb, up);
   }
 }

@@ -10,22 +10,28 @@ namespace moss::cpu {
 // dst (n, m) fp32 = x[rows] @ wT, wT: (d_in, m) fp32 (a transposed view is fine: BLAS transposes).
 static void down_project(const at::Tensor& x, const int64_t* rows, int64_t n, const at::Tensor& wT,
                          at::Tensor& dst) {
-  for_gathered_blocks(x, rows, n, [&](at::Tensor& xb, int64_t b0, int64_t nb) {
-    at::Tensor dst_b = dst.narrow(0, b0, nb);
+  for_row_blocks(x, rows, n, [&](const at::Tensor& xb, const RowBlock& b, bool) {
+    at::Tensor dst_b = dst.narrow(0, b.b0, b.nb);
     at::mm_out(dst_b, xb, wT);
   });
 }
 
-// out[rows] += scale * (h @ bT), in blocks that bound the d_out-wide fp32 delta buffer.
+// out[rows] += scale * (h @ bT): straight into out's rows for direct runs, else through a fp32
+// delta buffer of at most block_rows(d_out) rows.
 static void up_project_add(at::Tensor& out, const int64_t* rows, const at::Tensor& h, const at::Tensor& bT,
                            float scale) {
   const int64_t n = h.size(0), d_out = out.size(1), blk = block_rows(d_out);
-  at::Tensor buf = at::empty({std::min(n, blk), d_out}, h.options());
-  for (int64_t b0 = 0; b0 < n; b0 += blk) {
-    const int64_t nb = std::min(blk, n - b0);
-    at::Tensor db = buf.narrow(0, 0, nb);
-    at::mm_out(db, h.narrow(0, b0, nb), bT);
-    scatter_add_rows(out, rows + b0, nb, db.data_ptr<float>(), d_out, scale);
+  at::Tensor buf;
+  for (const RowBlock& b : plan_row_blocks(rows, n, blk, direct_ok(out))) {
+    const at::Tensor hb = h.narrow(0, b.b0, b.nb);
+    if (b.direct) {
+      out.narrow(0, b.first, b.nb).addmm_(hb, bT, 1.0, scale);
+      continue;
+    }
+    if (!buf.defined()) buf = at::empty({std::min(n, blk), d_out}, h.options());
+    at::Tensor db = buf.narrow(0, 0, b.nb);
+    at::mm_out(db, hb, bT);
+    scatter_add_rows(out, rows + b.b0, b.nb, db.data_ptr<float>(), d_out, scale);
   }
 }
 

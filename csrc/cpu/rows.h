@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace moss::cpu {
 
@@ -40,17 +41,62 @@ inline void gather_rows(const at::Tensor& src, const int64_t* rows, int64_t n, f
   });
 }
 
-// Gathers x[rows] in blocks of block_rows(d_in) rows into one fp32 buffer (so a block stays in
-// cache while its GEMMs run) and calls fn(xb, b0, nb) on each; fn may overwrite xb.
+// Rows of a layout come in long runs of consecutive tokens (an image, the text between images).
+// A run at least this long is handed to BLAS in place, as a strided view, when the tensor is fp32:
+// no gather copy in, no scatter copy out. Shorter runs are gathered together into one block (a GEMM
+// on a handful of rows costs a fork/join of the BLAS threads for almost no work).
+constexpr int64_t kMinDirectRun = 64;
+
+// A block of rows[b0, b0 + nb): `direct` blocks are the consecutive tokens first, first + 1, ...
+struct RowBlock {
+  int64_t b0, nb, first;
+  bool direct;
+};
+
+// Splits rows[0, n) into direct runs (when allow_direct) and gathered blocks of at most `blk`
+// rows, in order (weight gradients summed block by block stay deterministic).
+inline std::vector<RowBlock> plan_row_blocks(const int64_t* rows, int64_t n, int64_t blk, bool allow_direct) {
+  std::vector<RowBlock> plan;
+  int64_t pending = 0;  // start of the rows not yet in a block (all in short runs)
+  const auto flush = [&](int64_t end) {  // gathered blocks for rows[pending, end)
+    for (int64_t b0 = pending; b0 < end; b0 += blk) plan.push_back({b0, std::min(blk, end - b0), -1, false});
+    pending = end;
+  };
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1;
+    while (j < n && rows[j] == rows[j - 1] + 1) ++j;
+    if (allow_direct && j - i >= kMinDirectRun) {
+      flush(i);
+      plan.push_back({i, j - i, rows[i], true});
+      pending = j;
+    }
+    i = j;
+  }
+  flush(n);
+  return plan;
+}
+
+// BLAS may read or write these rows in place: fp32 with unit column stride.
+inline bool direct_ok(const at::Tensor& t) { return t.scalar_type() == at::kFloat && t.stride(1) == 1; }
+
+// Calls fn(xb, block, scratch) on each block of x[rows]: direct blocks get a view of x's rows
+// (scratch = false: fn must not write it); the others get them gathered into one fp32 buffer of
+// at most block_rows(d_in) rows (scratch = true: fn may overwrite it).
 template <typename Fn>
-inline void for_gathered_blocks(const at::Tensor& x, const int64_t* rows, int64_t n, Fn&& fn) {
+inline void for_row_blocks(const at::Tensor& x, const int64_t* rows, int64_t n, Fn&& fn) {
   const int64_t d_in = x.size(1), blk = block_rows(d_in);
-  at::Tensor buf = at::empty({std::min(n, blk), d_in}, x.options().dtype(at::kFloat));
-  for (int64_t b0 = 0; b0 < n; b0 += blk) {
-    const int64_t nb = std::min(blk, n - b0);
-    at::Tensor xb = buf.narrow(0, 0, nb);
-    gather_rows(x, rows + b0, nb, xb.data_ptr<float>(), 1.0f);
-    fn(xb, b0, nb);
+  const auto plan = plan_row_blocks(rows, n, blk, direct_ok(x));
+  at::Tensor buf;
+  for (const RowBlock& b : plan) {
+    if (b.direct) {
+      at::Tensor xb = x.narrow(0, b.first, b.nb);
+      fn(xb, b, false);
+      continue;
+    }
+    if (!buf.defined()) buf = at::empty({std::min(n, blk), d_in}, x.options().dtype(at::kFloat));
+    at::Tensor xb = buf.narrow(0, 0, b.nb);
+    gather_rows(x, rows + b.b0, b.nb, xb.data_ptr<float>(), 1.0f);
+    fn(xb, b, true);
   }
 }
 
