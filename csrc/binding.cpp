@@ -300,6 +300,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("pending"), py::arg("image_pos"), py::arg("height"), py::arg("width"));
   m.def("with_cuda", &moss::dispatch::with_cuda, "whether the CUDA kernels were compiled in");
   m.def("max_cuda_kernel_size", &moss::dispatch::max_cuda_kernel_size, "largest k the CUDA kernels take");
+  m.def("set_cuda_forward_path", &moss::dispatch::set_forward_path,
+        "which CUDA forward runs, process-wide: 'auto' (fused where it applies), 'fused' or 'split'", py::arg("path"));
+  m.def("cuda_forward_path", &moss::dispatch::forward_path_name, "the CUDA forward path set ('auto' by default)");
   m.attr("torch_version") = TORCH_VERSION;
   m.attr("source_hash") = MOSS_STR(MOSS_SOURCE_HASH);
 }

@@ -20,7 +20,7 @@ status=0
 
 [ -x "$NVCC" ] || { echo "check_cuda: nvcc not found (set NVCC)"; exit 2; }
 echo "check_cuda: $("$NVCC" --version | tail -1)"
-printf '%-12s %-8s %5s %7s %6s %7s  %s\n' file arch regs smem stack spills kernel
+printf '%-16s %-8s %5s %7s %6s %7s  %s\n' file arch regs smem stack spills kernel
 
 for cu in "$HERE"/cuda/*.cu; do
   name="$(basename "$cu")"
@@ -61,7 +61,7 @@ for cu in "$HERE"/cuda/*.cu; do
       if ($0 ~ /[1-9][0-9]* bytes lmem/) bad = 1
       k = demangle(fn); gsub(/\(anonymous namespace\)::/, "", k); sub(/^void /, "", k); sub(/\(.*/, "", k)
       gsub(/moss::cuda::/, "", k); gsub(/moss::/, "", k)
-      printf "%-12s %-8s %5s %7s %6s %7s  %s\n", file, arch, regs, smem, stack, spills, k
+      printf "%-16s %-8s %5s %7s %6s %7s  %s\n", file, arch, regs, smem, stack, spills, k
       n++
     }
     END { if (n == 0) { print "check_cuda: no ptxas report for " file; exit 1 } exit bad }

@@ -1,9 +1,12 @@
 // The torch side of the CUDA kernels (CUDA builds only): tensors -> raw pointers, sizes and the
 // current stream, then the launch sequence of each job. The binding has checked every tensor.
 //
-// Forward: [text] h = x_t A_t^T; out[text] += s h B_t^T.  [image] P = x_i K_all^T (all taps,
-// one GEMM, rows gathered in the loads); z = masked shifts of P (+ state reads, then writes);
-// out[image] += s z B_i^T (up-projection fused with the scatter-add into out).
+// Forward, fused (cuda/fused_forward.cu, the default wherever it applies): one launch for both
+// modalities, gather + conv-down over all taps with masked padding + up-projection + in-place add.
+// Forward, split (with a pending state: the ring writes need the per-tap P; ranks the fused kernel
+// cannot hold; or set_cuda_forward_path("split")): [text] h = x_t A_t^T; out[text] += s h B_t^T.
+// [image] P = x_i K_all^T (all taps, one GEMM, rows gathered in the loads); z = masked shifts of P
+// (+ state reads, then writes); out[image] += s z B_i^T (up-projection fused with the scatter-add).
 // Backward: dz = s g B_i written into dP's own-tap column; dP's other taps gathered via
 // conv_targets; dK_all = dP^T x_i; dx_i = dP K_all; dB_i = s g^T z; text likewise.
 #include "cuda_dispatch.h"
@@ -13,6 +16,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "include/moss_cuda.h"
+#include "include/moss_index.h"
 
 namespace moss::dispatch {
 namespace {
@@ -57,6 +61,30 @@ void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check_launch() { C10_CUDA_CHECK(cudaGetLastError()); }
 
+int64_t multiprocessors(const at::Tensor& on) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()));
+  return count;
+}
+
+// One modality of the fused forward; absent (n = r = 0) when the adapter or its rows are.
+cuda::FusedModality fused_modality(const at::Tensor& rows, const at::Tensor& sources, int64_t kk,
+                                   const at::Tensor& down, const at::Tensor& up, const at::Tensor& z) {
+  cuda::FusedModality m{};
+  if (!z.defined()) return m;
+  m.rows = rows.data_ptr<int64_t>();
+  m.n = rows.numel();
+  m.sources = sources.defined() ? sources.data_ptr<int64_t>() : nullptr;
+  m.kk = kk;
+  m.down = down.data_ptr();
+  m.down_dtype = dtype_of(down);
+  m.up = up.data_ptr();
+  m.up_dtype = dtype_of(up);
+  m.r = z.size(1);
+  m.z = z.data_ptr<float>();
+  return m;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_rows,
@@ -73,7 +101,48 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, at::Tensor&
   const float s = static_cast<float>(scale);
   const int64_t d_in = x.size(1), d_out = out.size(1), n_t = text_rows.numel(), n_i = image_rows.numel();
   at::Tensor text_h, image_z;
-  if (text_a.defined() && n_t > 0) {
+  const bool text = text_a.defined() && n_t > 0, image = image_weight.defined() && n_i > 0;
+  const auto path = forward_path();
+  // "auto" takes the fused kernel only when its row tiles fill every SM at least once: it gives
+  // each block all of d_out, so a short batch would leave most of the GPU idle, where the split
+  // GEMMs tile over rows and columns. (A first guess; a GPU benchmark should settle the crossover.)
+  const int64_t row_tiles = (text ? ceil_div(n_t, cuda::kFusedRowsPerBlock) : 0) +
+                            (image ? ceil_div(n_i, cuda::kFusedRowsPerBlock) : 0);
+  if (path == ForwardPath::kFused || (path == ForwardPath::kAuto && row_tiles >= multiprocessors(x))) {
+    TORCH_CHECK(path != ForwardPath::kFused || !pending.defined(), "moss_kernels native (CUDA): the fused forward "
+                "path cannot continue a pending state (chunked prefill runs the split path); use "
+                "set_cuda_forward_path('auto')");
+    if (!pending.defined()) {
+      // Weights as contiguous row-major matrices; the conv taps stacked (kk * r, d_in).
+      const at::Tensor A = text ? text_a.contiguous() : at::Tensor(), Bt = text ? text_b.contiguous() : at::Tensor();
+      const at::Tensor K = image ? stacked_taps(image_weight) : at::Tensor();
+      const at::Tensor Bi = image ? image_b.contiguous() : at::Tensor();
+      const int64_t kk = image ? image_weight.size(2) * image_weight.size(3) : 1;
+      // Every element of text_h / image_z is written by the kernel (empty, not zeros).
+      at::Tensor th = text ? at::empty({n_t, A.size(0)}, f32) : at::Tensor();
+      at::Tensor iz = image ? at::empty({n_i, image_weight.size(0)}, f32) : at::Tensor();
+      cuda::FusedForwardArgs args{};
+      args.compute = compute;
+      args.x = x.data_ptr();
+      args.ldx = x.stride(0);
+      args.d_in = d_in;
+      args.out = out.data_ptr();
+      args.out_dtype = dtype_of(out);
+      args.ld_out = out.stride(0);
+      args.d_out = d_out;
+      args.scale = s;
+      args.text = fused_modality(text_rows, at::Tensor(), 1, A, Bt, th);
+      args.image = fused_modality(image_rows, conv_sources, kk, K, Bi, iz);
+      const char* why = "";
+      if (cuda::fused_forward(args, stream(), &why)) {
+        check_launch();
+        return {th, iz};
+      }
+      TORCH_CHECK(path != ForwardPath::kFused, "moss_kernels native (CUDA): the fused forward path cannot run this "
+                  "call: ", why, "; use set_cuda_forward_path('auto') to fall back to the split path");
+    }
+  }
+  if (text) {
     const at::Tensor A = text_a.contiguous(), B = text_b.contiguous();
     const int64_t rt = A.size(0);
     text_h = at::empty({n_t, rt}, f32);
@@ -81,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, at::Tensor&
     cuda::gemm(n_t, d_out, rt, rows_of(text_h), transposed(B), store(out, s, text_rows, true), compute, stream());
     check_launch();
   }
-  if (image_weight.defined() && n_i > 0) {
+  if (image) {
     const int64_t r = image_weight.size(0), kk = image_weight.size(2) * image_weight.size(3);
     const at::Tensor K = stacked_taps(image_weight), B = image_b.contiguous();
     const at::Tensor P = at::empty({n_i, kk * r}, f32);

@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
+#include <string>
 #include <tuple>
 
 #include "include/moss_cuda.h"
@@ -49,6 +51,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
 template <typename... A>
 void cuda_decode_step(const A&...) { no_cuda(); }
 #endif
+
+// Which CUDA forward runs (process-wide; set through _C.set_cuda_forward_path): kAuto = the fused
+// one-pass kernel where it applies (no pending state, ranks and shared memory within its limits)
+// and its row tiles fill every SM at least once, else the split path; kFused = the fused kernel or
+// an error saying why it cannot run; kSplit = always the split path (down-GEMM, shifts, up-GEMM).
+enum class ForwardPath : int { kAuto = 0, kFused = 1, kSplit = 2 };
+
+inline std::atomic<int>& forward_path_flag() {
+  static std::atomic<int> flag{static_cast<int>(ForwardPath::kAuto)};
+  return flag;
+}
+inline ForwardPath forward_path() { return static_cast<ForwardPath>(forward_path_flag().load()); }
+inline std::string forward_path_name() {
+  switch (forward_path()) {
+    case ForwardPath::kFused: return "fused";
+    case ForwardPath::kSplit: return "split";
+    default: return "auto";
+  }
+}
+inline void set_forward_path(const std::string& path) {
+  ForwardPath p = ForwardPath::kAuto;
+  if (path == "auto") {
+    p = ForwardPath::kAuto;
+  } else if (path == "fused") {
+    p = ForwardPath::kFused;
+  } else if (path == "split") {
+    p = ForwardPath::kSplit;
+  } else {
+    TORCH_CHECK_VALUE(false, "moss_kernels native: argument 'path' must be 'auto', 'fused' or 'split', got '", path,
+                      "'");
+  }
+  forward_path_flag().store(static_cast<int>(p));
+}
 
 // Largest kernel size k the CUDA kernels are instantiated for (the CPU kernels take any k).
 inline int64_t max_cuda_kernel_size() { return moss::cuda::kMaxKernelSize; }

@@ -25,6 +25,7 @@ once and falls back to the other backends, so ``import moss_kernels`` never brea
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -37,7 +38,7 @@ import torch
 
 from .backends import Backend, register_backend
 
-__all__ = ["NativeBackend", "build_info", "extension"]
+__all__ = ["NativeBackend", "build_info", "cuda_forward_path", "extension"]
 
 _PKG = Path(__file__).resolve().parent
 # A source checkout (editable install) has csrc/ beside the package; a wheel ships it as _csrc.
@@ -151,6 +152,24 @@ def build_info() -> dict:
     """Where the extension came from and what it contains."""
     return {"origin": _origin, "file": getattr(extension, "__file__", None), "torch_version": extension.torch_version,
             "source_hash": extension.source_hash, "with_cuda": extension.with_cuda()}
+
+
+@contextlib.contextmanager
+def cuda_forward_path(name: str):
+    """Run the CUDA forward through path ``name`` inside the block, then restore the previous one.
+
+    ``"auto"`` (the default): the one-pass fused kernel where it applies and the batch has at least
+    one 64-row tile per SM, else the split path;
+    ``"fused"``: the fused kernel, or an error where it cannot run (a pending state, a rank it cannot
+    hold); ``"split"``: down-GEMM, shifts, up-GEMM. Process-wide (not per thread): for tests and
+    benchmarks. Any other name raises ``ValueError`` naming the argument ``'path'``.
+    """
+    previous = extension.cuda_forward_path()
+    extension.set_cuda_forward_path(name)
+    try:
+        yield
+    finally:
+        extension.set_cuda_forward_path(previous)
 
 
 def _x_rows(x: torch.Tensor) -> torch.Tensor:

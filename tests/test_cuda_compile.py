@@ -39,8 +39,10 @@ def test_kernels_compile_without_spills():
     rows = [line.split() for line in report.splitlines() if line.split()[:1] and line.split()[0].endswith(".cu")]
     kernels = {(row[0], row[1], " ".join(row[6:])) for row in rows}
     for arch in ("sm_80", "sm_90a"):
-        # the GEMM in all three compute types, the decode step for k = 1..4 x three dtypes
+        # the GEMM and the fused forward in all three compute types, the decode step for k = 1..4 x
+        # three dtypes
         assert sum(1 for f, a, _ in kernels if f == "gemm.cu" and a == arch) == 3, report
+        assert sum(1 for f, a, _ in kernels if f == "fused_forward.cu" and a == arch) == 3, report
         assert sum(1 for f, a, _ in kernels if f == "decode.cu" and a == arch) == 12, report
         assert sum(1 for f, a, _ in kernels if f == "shift.cu" and a == arch) == 3, report
     assert all(row[4] == "0" and row[5] == "0" for row in rows), report  # stack, spills

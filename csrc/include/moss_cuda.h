@@ -51,6 +51,59 @@ void state_update(const float* P, float* z, int64_t kk, int64_t r, float* pendin
 // dP[t, tap] = dP[targets[t, tap], kk - 1] or 0 for tap < kk - 1 (dz sits in the own-tap column).
 void fill_taps(float* dP, const int64_t* targets, int64_t n, int64_t kk, int64_t r, void* stream);
 
+// One modality of the fused forward: n rows of x (rows[i]); kk taps (1 for text) with
+// sources (n, kk): for tap t of row i, the index into rows of the row it reads, or -1 where the tap
+// falls in the conv's zero padding (null for text: the identity); down (kk * r, d_in) contiguous,
+// tap t in rows [t * r, (t + 1) * r) (the stacked conv taps, or text_a); up (d_out, r)
+// contiguous; z (n, r) fp32, written (text_h / image_z). n == 0 or r == 0: the modality is absent.
+struct FusedModality {
+  const int64_t* rows;
+  int64_t n;
+  const int64_t* sources;
+  int64_t kk;
+  const void* down;
+  DType down_dtype;
+  const void* up;
+  DType up_dtype;
+  int64_t r;
+  float* z;
+};
+
+// The one-pass fused forward: ONE launch, each block a 64-row tile of one modality (text tiles
+// first): gather, conv-down over all taps (padding by masks), z to global and to shared memory
+// (rounded to the compute type = x's dtype), up-projection and out[rows[i]] += scale * z B^T in place
+// (rounded once). x (N, d_in) rows with leading dimension ldx in `compute`; out rows with leading
+// dimension ld_out in out_dtype.
+struct FusedForwardArgs {
+  DType compute;
+  const void* x;
+  int64_t ldx, d_in;
+  void* out;
+  DType out_dtype;
+  int64_t ld_out, d_out;
+  float scale;
+  FusedModality text, image;
+};
+
+// Dynamic shared memory the fused forward needs for these args (0 when nothing is to be done).
+int64_t fused_forward_smem_bytes(const FusedForwardArgs& args);
+
+// Rows of one modality each block of the fused forward takes.
+constexpr int64_t kFusedRowsPerBlock = 64;
+
+// Largest rank (text or image) the fused forward takes; fp32 is further limited by shared memory.
+constexpr int64_t kMaxFusedRank = 512;
+
+// sm_80's opt-in shared memory per block: the fused forward never asks for more, so every shape it
+// takes runs on every arch it is built for (smaller parts, e.g. sm_86's 101376, take fewer).
+constexpr int64_t kFusedSmemLimit = 166912;
+
+// Launches the fused forward on `stream` and returns true, or returns false without launching
+// anything when it cannot take these args (a rank above kMaxFusedRank, or more shared memory than
+// kFusedSmemLimit or the current device grants a block; fp32 takes ranks up to 448, fp16/bf16 up to
+// 512 on sm_80/sm_90): the caller runs the split path. `why`, when given, then says which.
+bool fused_forward(const FusedForwardArgs& args, void* stream, const char** why = nullptr);
+
 // One decode step (reference.decode_step): x (batch, d_in) rows with leading dimension ldx, out
 // (batch, d_out) contiguous, both `dtype`; weights in `dtype`, contiguous, null when absent;
 // image_weight in nn.Conv2d layout (r, d_in, k, k), 1 <= k <= 4; pending (batch, capacity, r) fp32.

@@ -1,0 +1,192 @@
+// The one-pass fused forward (issue 4): ONE launch for both modalities. Block b < text_tiles takes
+// the 64-row tile b of the text rows, the others a tile of the image rows. Per block:
+//   down: for each 64-wide chunk of the rank, an implicit GEMM over (taps x d_in): A-tile row i of
+//         tap t is x[rows[sources[i, t]]] (zeros where the source is -1: the conv's top/left
+//         padding is a mask, never a padded copy), B the tap's rows of the stacked weights, read
+//         transposed; fp32 accumulation over all taps;
+//   z:    the fp32 result goes to global (text_h / image_z, saved for the backward) and into a
+//         BM x r shared-memory panel rounded to the compute type (as the split path rounds z when
+//         it enters the tensor-core up-GEMM; fp32 stays fp32);
+//   up:   for each 64-wide chunk of d_out, acc = panel B^T, then out[rows[i], j] += scale * acc in
+//         place, rounded once (tile::store_tile, the split GEMM's own epilogue).
+// The tiles and their math are tile_gemm.cuh's (wmma for fp16/bf16, exact fp32 FMA for fp32).
+// Each output element is written by exactly one block: deterministic, no atomics.
+#include <algorithm>
+
+#include "tile_gemm.cuh"
+
+namespace moss::cuda {
+namespace {
+
+using tile::BK;
+using tile::BM;
+using tile::BN;
+using tile::load_tile_mapped;
+using tile::PAD;
+using tile::THREADS;
+using tile::TileMath;
+using tile::Tiles;
+
+static_assert(BM == kFusedRowsPerBlock, "moss_cuda.h promises the dispatch this tile height");
+
+__host__ __device__ __forceinline__ int64_t round_up(int64_t v, int64_t m) { return ceil_div(v, m) * m; }
+
+// Shared memory layout: Tiles<CT> | source row of each tile row (BM int64) | z panel BM x ldp.
+// The panel is as wide as the rank rounded up to BN (zeros past r), plus PAD (wmma's ldm rule).
+template <typename CT>
+constexpr int64_t panel_offset() {
+  return static_cast<int64_t>(sizeof(Tiles<CT>)) + BM * static_cast<int64_t>(sizeof(int64_t));
+}
+template <typename CT>
+int64_t smem_bytes(int64_t r_max) {
+  return panel_offset<CT>() + BM * (round_up(r_max, BN) + PAD) * static_cast<int64_t>(sizeof(CT));
+}
+
+struct Identity {
+  __device__ __forceinline__ int64_t operator()(int64_t g) const { return g; }
+};
+
+template <typename CT>
+__global__ void __launch_bounds__(THREADS) fused_forward_kernel(FusedForwardArgs a, int64_t text_tiles) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  auto& tiles = *reinterpret_cast<Tiles<CT>*>(smem);
+  auto* src_row = reinterpret_cast<int64_t*>(smem + sizeof(Tiles<CT>));
+  CT* panel = reinterpret_cast<CT*>(smem + panel_offset<CT>());
+
+  // Pick the modality field by field: a reference to a.text or a.image chosen at run time would
+  // make the compiler copy the parameter struct to local memory.
+  const bool text = static_cast<int64_t>(blockIdx.x) < text_tiles;
+  const int64_t* rows = text ? a.text.rows : a.image.rows;
+  const int64_t n = text ? a.text.n : a.image.n;
+  const int64_t* sources = text ? a.text.sources : a.image.sources;
+  const int64_t kk = text ? a.text.kk : a.image.kk;
+  const void* down = text ? a.text.down : a.image.down;
+  const DType down_dtype = text ? a.text.down_dtype : a.image.down_dtype;
+  const void* up = text ? a.text.up : a.image.up;
+  const DType up_dtype = text ? a.text.up_dtype : a.image.up_dtype;
+  const int64_t r = text ? a.text.r : a.image.r;
+  float* z = text ? a.text.z : a.image.z;
+  const int64_t m0 = (text ? static_cast<int64_t>(blockIdx.x) : static_cast<int64_t>(blockIdx.x) - text_tiles) * BM;
+  const int ldp = static_cast<int>(round_up(r, BN)) + PAD;
+  const int64_t d_in = a.d_in;
+
+  TileMath<CT> math;
+  // ---- down: z[m0 : m0 + BM, c0 : c0 + BN] = sum over taps t of x[src(i, t)] down[t * r + c0 + j]^T
+  for (int64_t c0 = 0; c0 < r; c0 += BN) {
+    math.zero();
+    for (int64_t t = 0; t < kk; ++t) {
+      // The x row each tile row reads for this tap (-1: padding or past the last row), looked up
+      // once per tap instead of once per loaded element.
+      if (threadIdx.x < BM) {
+        const int64_t gi = m0 + threadIdx.x;
+        int64_t src = -1;
+        if (gi < n) {
+          const int64_t s = sources ? sources[gi * kk + t] : gi;
+          src = s >= 0 ? rows[s] : -1;
+        }
+        src_row[threadIdx.x] = src;
+      }
+      __syncthreads();
+      for (int64_t k0 = 0; k0 < d_in; k0 += BK) {
+        load_tile_mapped<BM, BK, BK + PAD>(
+            tiles.a, a.x, a.compute, a.ldx, 1, [&](int64_t gi) { return src_row[gi - m0]; }, Identity{}, m0, k0,
+            m0 + BM, d_in);
+        // B(p, j) = down[(t * r + c0 + j) * d_in + k0 + p]: the tap's rows read transposed; columns
+        // stop at the tap's last rank row (t + 1) * r.
+        load_tile_mapped<BK, BN, BN + PAD>(tiles.b, down, down_dtype, 1, d_in, Identity{}, Identity{}, k0,
+                                           t * r + c0, d_in, (t + 1) * r);
+        __syncthreads();
+        math.step(tiles);
+        __syncthreads();
+      }
+    }
+    math.spill(tiles);
+    __syncthreads();
+    for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
+      const int i = e / BN, j = e % BN;
+      const int64_t gi = m0 + i, gj = c0 + j;
+      const float v = tiles.c[i][j];
+      // zeros past r: the up-GEMM's last k slab may read them (0 * weight, never 0 * garbage)
+      panel[i * ldp + c0 + j] = from_float<CT>(gj < r ? v : 0.0f);
+      if (gi < n && gj < r) z[gi * r + gj] = v;
+    }
+    __syncthreads();
+  }
+  // ---- up: out[rows[m0 + i], n0 + j] += scale * (panel up^T)[i, j], rounded once
+  const Output o{a.out, a.out_dtype, a.ld_out, rows, true, a.scale};
+  for (int64_t n0 = 0; n0 < a.d_out; n0 += BN) {
+    math.zero();
+    for (int64_t k0 = 0; k0 < r; k0 += BK) {
+      // B(p, j) = up[(n0 + j) * r + k0 + p] (up read transposed)
+      load_tile_mapped<BK, BN, BN + PAD>(tiles.b, up, up_dtype, 1, r, Identity{}, Identity{}, k0, n0, r, a.d_out);
+      __syncthreads();
+      math.step(panel + k0, ldp, &tiles.b[0][0], BN + PAD);
+      __syncthreads();
+    }
+    math.spill(tiles);
+    __syncthreads();
+    tile::store_tile(tiles, o, m0, n0, n, a.d_out);
+    __syncthreads();
+  }
+}
+
+int64_t tiles_of(const FusedModality& m) { return m.n > 0 && m.r > 0 ? ceil_div(m.n, BM) : 0; }
+
+int64_t rank_of(const FusedModality& m) { return tiles_of(m) > 0 ? m.r : 0; }
+
+template <typename CT>
+bool launch(const FusedForwardArgs& a, cudaStream_t stream, const char** why) {
+  const int64_t text_tiles = tiles_of(a.text), blocks = text_tiles + tiles_of(a.image);
+  const int64_t bytes = smem_bytes<CT>(std::max(rank_of(a.text), rank_of(a.image)));
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    if (why) *why = "the device's shared memory limit could not be queried";
+    return false;
+  }
+  if (bytes > kFusedSmemLimit || bytes > optin) {
+    if (why) *why = "the rank needs more shared memory than a block gets (fp32 takes ranks up to 448)";
+    return false;
+  }
+  if (blocks > 0x7fffffff) {
+    if (why) *why = "too many row tiles for one grid";
+    return false;
+  }
+  auto kernel = fused_forward_kernel<CT>;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the split path runs instead
+    if (why) *why = "cudaFuncSetAttribute refused the shared memory size";
+    return false;
+  }
+  kernel<<<static_cast<unsigned>(blocks), THREADS, static_cast<size_t>(bytes), stream>>>(a, text_tiles);
+  return true;
+}
+
+}  // namespace
+
+int64_t fused_forward_smem_bytes(const FusedForwardArgs& args) {
+  if (tiles_of(args.text) + tiles_of(args.image) == 0) return 0;
+  const int64_t r = std::max(rank_of(args.text), rank_of(args.image));
+  switch (args.compute) {
+    case DType::kF16: return smem_bytes<__half>(r);
+    case DType::kBF16: return smem_bytes<__nv_bfloat16>(r);
+    default: return smem_bytes<float>(r);
+  }
+}
+
+bool fused_forward(const FusedForwardArgs& args, void* stream, const char** why) {
+  if (tiles_of(args.text) + tiles_of(args.image) == 0) return true;  // nothing to do
+  if (rank_of(args.text) > kMaxFusedRank || rank_of(args.image) > kMaxFusedRank) {
+    if (why) *why = "a rank is above 512";
+    return false;
+  }
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (args.compute) {
+    case DType::kF16: return launch<__half>(args, s, why);
+    case DType::kBF16: return launch<__nv_bfloat16>(args, s, why);
+    default: return launch<float>(args, s, why);
+  }
+}
+
+}  // namespace moss::cuda

@@ -1,0 +1,351 @@
+"""The native backend on CUDA: the one-pass fused forward (csrc/cuda/fused_forward.cu) and the split
+path (down-GEMM, shifts, up-GEMM) against the float64 ground truth, the backward and the decode
+step, the path switch.
+
+Everything that launches a kernel needs a GPU and a CUDA build of the extension and skips without
+one; the switch's validation (``_C.set_cuda_forward_path``) runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moss_kernels as mk
+from moss_kernels import reference
+from moss_kernels.layout import ImageSpan
+from moss_kernels.testing import TOLERANCE, assert_close_rel, ground_truth, random_adapters, random_layout, rel_err
+
+if os.environ.get("MOSS_KERNELS_NATIVE", "1") == "0":
+    pytest.skip("MOSS_KERNELS_NATIVE=0: the native backend is disabled", allow_module_level=True)
+
+import moss_kernels.native as native  # builds the extension on first use
+
+ext = native.extension
+HAVE_CUDA = torch.cuda.is_available() and ext.with_cuda()
+needs_cuda = pytest.mark.skipif(not HAVE_CUDA, reason="needs a CUDA GPU and a native build with CUDA")
+
+DEV = "cuda"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SCALE = 0.75
+D_IN, D_OUT = 72, 100  # neither a multiple of 64: partial k slabs and partial output tiles
+
+# name -> (batch, seq, spans); "tiles" is random and long enough for several 64-row tiles per modality
+SPANS = {
+    # several images per row, text between them, the last image of each row cut by the sequence end
+    "mixed": (2, 40, [(0, 3, 3, 4), (0, 17, 1, 5), (0, 30, 4, 3), (1, 0, 5, 5), (1, 30, 3, 7)]),
+    "columns": (2, 16, [(0, 2, 6, 1), (1, 5, 4, 1), (1, 10, 5, 1)]),  # H x 1 grids
+    "rows": (2, 26, [(0, 0, 1, 9), (1, 10, 1, 13), (0, 12, 1, 3)]),  # 1 x W grids
+    "odd": (1, 23, [(0, 4, 3, 5), (0, 20, 2, 2)]),  # odd sizes, second image cut
+    "image_only": (2, 20, [(0, 0, 4, 5), (1, 0, 5, 4)]),
+    "text_only": (2, 9, []),
+}
+ALL_LAYOUTS = (*SPANS, "tiles")
+
+
+def layout_of(name: str) -> mk.ImageLayout:
+    if name == "tiles":
+        return random_layout(random.Random(7), batch_size=3, seq_len=150, max_side=12)
+    B, S, spans = SPANS[name]
+    return mk.ImageLayout.from_spans(B, S, spans)
+
+
+def make_case(name, dtype, k, rank, seed=0, text=True, image=True, d_in=D_IN, d_out=D_OUT):
+    """layout, x (batch, seq, d_in) and the four adapter weights (None where absent), on the GPU."""
+    layout = layout_of(name)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(layout.batch_size, layout.seq_len, d_in, generator=g).to(dtype).to(DEV)
+    weights = random_adapters(d_in, d_out, rank, k, generator=g, text=text, image=image)
+    return layout, x, [None if w is None else w.to(dtype).to(DEV) for w in weights]
+
+
+def fused_fits(dtype: torch.dtype, rank: int) -> bool:
+    """Whether the fused kernel takes this rank on this GPU: the shared memory of
+    fused_forward.cu's smem_bytes (Tiles + 64 row indices + a 64 x (round_up(r, 64) + 8) z panel in
+    the compute type) within sm_80's 166912 bytes and the device's opt-in limit."""
+    size = 4 if dtype == torch.float32 else 2
+    tiles = 36864 if dtype == torch.float32 else 27136
+    need = tiles + 64 * 8 + 64 * (-(-rank // 64) * 64 + 8) * size
+    optin = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    return rank <= 512 and need <= min(166912, optin)
+
+
+def forward(path, x, layout, weights, **kw):
+    """moss_lora on the native backend through CUDA forward `path`, or None after checking that
+    the fused path refuses a rank it cannot hold (with an error saying so)."""
+    rank = max(w.shape[0] for w in (weights[0], weights[2]) if w is not None)
+    with native.cuda_forward_path(path):
+        if path == "fused" and not fused_fits(x.dtype, rank):
+            with pytest.raises(RuntimeError, match="fused forward path cannot run"):
+                mk.moss_lora(x, layout, *weights, SCALE, backend="native", **kw)
+            return None
+        return mk.moss_lora(x, layout, *weights, SCALE, backend="native", **kw)
+
+
+def chunk_layout(layout: mk.ImageLayout, c0: int, c1: int) -> mk.ImageLayout:
+    spans = []
+    for s in layout.spans:
+        lo, hi = max(s.start, c0), min(s.start + s.length, c1)
+        if lo < hi:
+            spans.append(ImageSpan(s.batch, lo - c0, s.height, s.width, s.offset + lo - s.start, hi - lo))
+    return mk.ImageLayout.from_spans(layout.batch_size, c1 - c0, spans)
+
+
+def step_inputs(layout: mk.ImageLayout, t: int):
+    """image_pos, height, width (on the GPU) for position t of every sequence."""
+    B = layout.batch_size
+    pos, hh, ww = torch.full((B,), -1), torch.ones(B, dtype=torch.int64), torch.ones(B, dtype=torch.int64)
+    for s in layout.spans:
+        if s.start <= t < s.start + s.length:
+            pos[s.batch], hh[s.batch], ww[s.batch] = s.offset + t - s.start, s.height, s.width
+    return pos.to(DEV), hh.to(DEV), ww.to(DEV)
+
+
+# ---------------------------------------------------------------------------- the switch (runs everywhere)
+def test_forward_path_switch_validates_and_restores():
+    assert ext.cuda_forward_path() == "auto"
+    with pytest.raises(ValueError, match=r"argument 'path'.*'bogus'"):
+        ext.set_cuda_forward_path("bogus")
+    assert ext.cuda_forward_path() == "auto"
+    with native.cuda_forward_path("split"):
+        assert ext.cuda_forward_path() == "split"
+        with native.cuda_forward_path("fused"):
+            assert ext.cuda_forward_path() == "fused"
+        assert ext.cuda_forward_path() == "split"
+    assert ext.cuda_forward_path() == "auto"
+    with pytest.raises(ValueError, match="'Fused'"):
+        with native.cuda_forward_path("Fused"):
+            pass
+    assert ext.cuda_forward_path() == "auto"
+
+
+def test_forward_path_default_is_auto_in_a_fresh_process():
+    code = "import moss_kernels.native as n; print('PATH', n.extension.cuda_forward_path())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PATH auto" in proc.stdout
+
+
+def test_forward_path_leaves_the_cpu_alone():
+    layout = layout_of("mixed")
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(layout.batch_size, layout.seq_len, 24, generator=g)
+    weights = random_adapters(24, 20, 8, 2, generator=g)
+    with torch.no_grad():
+        runs = []
+        for path in ("fused", "split"):
+            with native.cuda_forward_path(path):
+                runs.append(mk.moss_lora(x, layout, *weights, SCALE, backend="native"))
+    assert torch.equal(runs[0], runs[1])
+
+
+# ---------------------------------------------------------------------------- forward
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("rank", [8, 64, 256, 448, 512])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_vs_truth(dtype, k, rank, path):
+    for i, name in enumerate(ALL_LAYOUTS):
+        layout, x, weights = make_case(name, dtype, k, rank, seed=i)
+        want = ground_truth(x, layout, *weights, SCALE)
+        with torch.no_grad():
+            got = forward(path, x, layout, weights)
+        if got is None:
+            continue
+        assert got.dtype == dtype and got.shape == want.shape
+        assert_close_rel(got, want, TOLERANCE[dtype], f"{name} {path}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("rank", [8, 100, 256, 512])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fill_sms", [False, True])
+def test_fused_equals_split_and_auto_picks_fused(dtype, rank, fill_sms):
+    layout, x, weights = make_case("tiles", dtype, 2, rank, seed=3)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if fill_sms:  # repeat the batch until there is at least one 64-row tile per SM
+        reps = -(-sms * 64 // (x.shape[0] * x.shape[1])) + 1
+        layout = mk.ImageLayout.from_spans(
+            layout.batch_size * reps, layout.seq_len,
+            [ImageSpan(s.batch + i * layout.batch_size, s.start, s.height, s.width, s.offset, s.length)
+             for i in range(reps) for s in layout.spans])
+        x = x.repeat(reps, 1, 1)
+    index = layout.index(x.device, 2)
+    row_tiles = -(-index.text_rows.numel() // 64) + -(-index.image_rows.numel() // 64)
+    assert (row_tiles >= sms) == fill_sms
+    runs = {}
+    with torch.no_grad():
+        for path in ("auto", "fused", "split"):
+            runs[path] = forward(path, x, layout, weights)
+    if fused_fits(dtype, rank):
+        assert rel_err(runs["fused"], runs["split"]) <= TOLERANCE[dtype]
+    else:
+        assert runs["fused"] is None
+    # auto runs the (deterministic) fused kernel where it fits and the row tiles fill the SMs
+    assert torch.equal(runs["auto"], runs["fused" if fused_fits(dtype, rank) and fill_sms else "split"])
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("adapters", ["both", "text", "image"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_out_accumulates_and_saved_tensors(dtype, adapters, path):
+    """ext.forward adds into a strided `out` (random base), leaves rows without an adapter and the
+    columns past d_out bit-identical, and returns text_h / image_z (fp32) as the split path does."""
+    k, rank = 3, 40
+    layout, x, weights = make_case("tiles", dtype, k, rank, seed=5, text=adapters != "image",
+                                   image=adapters != "text")
+    B, S, d_in = x.shape
+    N = B * S
+    idx = layout.index(DEV, k)
+    xf = x.view(N, d_in)
+    big = torch.full((N, D_OUT + 3), float("nan"), dtype=dtype, device=DEV)
+    out = big[:, :D_OUT]
+    base = torch.randn(N, D_OUT, generator=torch.Generator().manual_seed(6)).to(dtype).to(DEV)
+    out.copy_(base)
+    with native.cuda_forward_path(path):
+        text_h, image_z = ext.forward(xf, out, idx.text_rows, idx.image_rows, idx.conv_sources, *weights, SCALE)
+    assert torch.isnan(big[:, D_OUT:]).all()
+
+    # float64 rank-space forward (the contract): text_h, image_z and the delta
+    w64 = [None if w is None else w.double() for w in weights]
+    delta = torch.zeros(N, D_OUT, dtype=torch.float64, device=DEV)
+    th64, iz64 = reference.forward(xf.double(), delta, idx.text_rows, idx.image_rows, idx.conv_sources, *w64, SCALE)
+    touched = torch.zeros(N, dtype=torch.bool, device=DEV)
+    if weights[0] is not None:
+        touched[idx.text_rows] = True
+    if weights[2] is not None:
+        touched[idx.image_rows] = True
+    if adapters == "both":
+        assert touched.all()
+    else:
+        assert touched.any() and (~touched).any()
+    assert torch.equal(out[~touched], base[~touched])  # bit for bit
+    assert_close_rel(out[touched], base[touched].double() + delta[touched], TOLERANCE[dtype], "out")
+    if dtype == torch.float32:  # the delta itself, not hidden behind the base
+        assert_close_rel(out[touched].double() - base[touched].double(), delta[touched], 1e-5, "out - base")
+
+    # saved tensors: fp32, exact products of the (rounded) inputs accumulated in fp32
+    z_tol = 1e-5 if dtype == torch.float32 else 1e-4
+    for label, got, want, present, n in (("text_h", text_h, th64, weights[0] is not None, idx.text_rows.numel()),
+                                         ("image_z", image_z, iz64, weights[2] is not None, idx.image_rows.numel())):
+        if not present or n == 0:
+            assert got is None, label
+            continue
+        assert got.dtype == torch.float32 and got.shape == (n, rank) and got.is_contiguous(), label
+        assert_close_rel(got, want, z_tol, label)
+
+
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_weights_and_strided_x(dtype, path):
+    layout, x, weights = make_case("mixed", dtype, 2, 24, seed=9)
+    big = torch.randn(*x.shape[:2], D_IN + 5, device=DEV).to(dtype)
+    big[..., :D_IN] = x
+    strided = big[..., :D_IN]
+    # transposed storage: the dispatch must make row-major copies before the kernel reads them
+    t_weights = [w.t().contiguous().t() if w.dim() == 2 else w.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+                 for w in weights]
+    assert not any(w.is_contiguous() for w in t_weights)
+    with torch.no_grad():
+        a = forward(path, strided, layout, t_weights)
+        b = forward(path, x, layout, weights)
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------- backward
+@needs_cuda
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("rank", [8, 256])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_vs_truth(dtype, k, rank, path):
+    for i, name in enumerate(("mixed", "odd", "columns", "image_only", "text_only", "tiles")):
+        layout, x, weights = make_case(name, dtype, k, rank, seed=20 + i)
+        xn = x.clone().requires_grad_()
+        wn = [w.clone().requires_grad_() for w in weights]
+        got = forward(path, xn, layout, wn)
+        if got is None:
+            continue
+        x64 = x.double().requires_grad_()
+        w64 = [w.double().requires_grad_() for w in weights]
+        want = reference.literal_moss_lora(x64, layout, *w64, SCALE)
+        assert_close_rel(got, want, TOLERANCE[dtype], f"{name} forward")
+        grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(i)).to(dtype).to(DEV)
+        got.backward(grad)
+        want.backward(grad.double())
+        for label, a, b in zip(("x", "text_a", "text_b", "image_weight", "image_b"), [xn, *wn], [x64, *w64]):
+            assert a.grad is not None and a.grad.dtype == a.dtype, label
+            if b.grad is None or b.grad.abs().max() == 0:  # an adapter without rows of its modality
+                assert a.grad.abs().max() == 0, f"{name} {label}"
+                continue
+            assert_close_rel(a.grad, b.grad, TOLERANCE[dtype], f"{name} d{label}")
+
+
+# ---------------------------------------------------------------------------- state: chunked prefill, decoding
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chunked_prefill_runs_the_split_path(dtype):
+    """A pending state needs the per-tap P: "auto" runs the split path for it, "fused" refuses."""
+    layout, x, weights = make_case("mixed", dtype, 2, 8, seed=11)
+    B, S, _ = x.shape
+    with torch.no_grad():
+        full = forward("fused", x, layout, weights)
+        state = mk.ConvLoRAState(B, 8, 2, device=DEV)
+        cuts = [0, 5, 6, 13, S]
+        for c0, c1 in zip(cuts, cuts[1:]):
+            got = forward("auto", x[:, c0:c1], chunk_layout(layout, c0, c1), weights, state=state)
+            assert_close_rel(got, full[:, c0:c1], TOLERANCE[dtype], f"chunk {c0}:{c1}")
+        with native.cuda_forward_path("fused"), pytest.raises(RuntimeError, match="pending state"):
+            mk.moss_lora(x[:, :5], chunk_layout(layout, 0, 5), *weights, SCALE,
+                         state=mk.ConvLoRAState(B, 8, 2, device=DEV), backend="native")
+
+
+@needs_cuda
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd"])
+def test_decode_steps_equal_fused_forward_and_truth(name, dtype, k):
+    rank = 64
+    layout, x, weights = make_case(name, dtype, k, rank, seed=13)
+    B, S, _ = x.shape
+    width = max(layout.max_width, 1)
+    state = mk.ConvLoRAState(B, rank, k, device=DEV, max_width=width)
+    want = ground_truth(x, layout, *weights, SCALE)
+    g = torch.Generator().manual_seed(14)
+    with torch.no_grad():
+        full = forward("fused", x, layout, weights)
+        assert_close_rel(full, want, TOLERANCE[dtype], "fused forward")
+        for t in range(S):
+            pos, hh, ww = step_inputs(layout, t)
+            base = torch.randn(B, D_OUT, generator=g).to(dtype).to(DEV)
+            got = mk.moss_lora_step(x[:, t], *weights, SCALE, state, pos, hh, ww, out=base.clone(), backend="native")
+            # out is accumulated into: base + delta, rounded once
+            assert_close_rel(got, base.double() + want[:, t], TOLERANCE[dtype], f"step {t}")
+            assert_close_rel(got, base.double() + full[:, t].double(), TOLERANCE[dtype], f"step {t} vs fused")
+
+
+# ---------------------------------------------------------------------------- a large case
+@needs_cuda
+def test_large_case_fused_and_split():
+    """8 x 2048 tokens, d_in = d_out = 4096, rank 256, bf16, images up to 48 x 48: hundreds of row
+    tiles per modality, 64 k slabs per tap and 64 output chunks per tile."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    layout = random_layout(random.Random(1), batch_size=8, seq_len=2048, max_side=48)
+    d, rank = 4096, 256
+    x = torch.randn(8, 2048, d, generator=g, device=DEV).to(torch.bfloat16)
+    weights = [w.to(torch.bfloat16) for w in random_adapters(d, d, rank, 2, device=DEV, generator=g)]
+    want = ground_truth(x, layout, *weights, SCALE)  # float64, on the GPU
+    runs = {}
+    with torch.no_grad():
+        for path in ("fused", "split"):
+            runs[path] = forward(path, x, layout, weights)
+            assert_close_rel(runs[path], want, TOLERANCE[torch.bfloat16], path)
+    assert rel_err(runs["fused"], runs["split"]) <= TOLERANCE[torch.bfloat16]
