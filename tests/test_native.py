@@ -14,7 +14,6 @@ import torch
 
 import moss_kernels as mk
 from moss_kernels import backends
-from moss_kernels.layout import ImageSpan
 from moss_kernels.reference import literal_moss_lora
 
 if os.environ.get("MOSS_KERNELS_NATIVE", "1") == "0":
@@ -197,15 +196,6 @@ def test_strided_x_rows(name):
 
 
 # ---------------------------------------------------------------------------- state: chunked prefill, decoding
-def chunk_layout(layout: mk.ImageLayout, c0: int, c1: int) -> mk.ImageLayout:
-    spans = []
-    for s in layout.spans:
-        lo, hi = max(s.start, c0), min(s.start + s.length, c1)
-        if lo < hi:
-            spans.append(ImageSpan(s.batch, lo - c0, s.height, s.width, s.offset + lo - s.start, hi - lo))
-    return mk.ImageLayout.from_spans(layout.batch_size, c1 - c0, spans)
-
-
 @pytest.mark.parametrize("k", [2, 3])
 @pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd", "long_runs"])
 def test_chunked_prefill_equals_full_forward(name, k):
@@ -217,7 +207,7 @@ def test_chunked_prefill_equals_full_forward(name, k):
         full = mk.moss_lora(x, layout, *weights, 0.5, backend="native")
         states = {be: mk.ConvLoRAState(B, r, k) for be in ("native", "reference")}
         for c0, c1 in zip(cuts, cuts[1:]):
-            part = chunk_layout(layout, c0, c1)
+            part = layout.window(c0, c1)
             got = {be: mk.moss_lora(x[:, c0:c1], part, *weights, 0.5, state=st, backend=be)
                    for be, st in states.items()}
             assert rel(got["native"], full[:, c0:c1]) <= 1e-5

@@ -87,15 +87,6 @@ def forward(path, x, layout, weights, **kw):
         return mk.moss_lora(x, layout, *weights, SCALE, backend="native", **kw)
 
 
-def chunk_layout(layout: mk.ImageLayout, c0: int, c1: int) -> mk.ImageLayout:
-    spans = []
-    for s in layout.spans:
-        lo, hi = max(s.start, c0), min(s.start + s.length, c1)
-        if lo < hi:
-            spans.append(ImageSpan(s.batch, lo - c0, s.height, s.width, s.offset + lo - s.start, hi - lo))
-    return mk.ImageLayout.from_spans(layout.batch_size, c1 - c0, spans)
-
-
 def step_inputs(layout: mk.ImageLayout, t: int):
     """image_pos, height, width (on the GPU) for position t of every sequence."""
     B = layout.batch_size
@@ -301,10 +292,10 @@ def test_chunked_prefill_runs_the_split_path(dtype):
         state = mk.ConvLoRAState(B, 8, 2, device=DEV)
         cuts = [0, 5, 6, 13, S]
         for c0, c1 in zip(cuts, cuts[1:]):
-            got = forward("auto", x[:, c0:c1], chunk_layout(layout, c0, c1), weights, state=state)
+            got = forward("auto", x[:, c0:c1], layout.window(c0, c1), weights, state=state)
             assert_close_rel(got, full[:, c0:c1], TOLERANCE[dtype], f"chunk {c0}:{c1}")
         with native.cuda_forward_path("fused"), pytest.raises(RuntimeError, match="pending state"):
-            mk.moss_lora(x[:, :5], chunk_layout(layout, 0, 5), *weights, SCALE,
+            mk.moss_lora(x[:, :5], layout.window(0, 5), *weights, SCALE,
                          state=mk.ConvLoRAState(B, 8, 2, device=DEV), backend="native")
 
 
