@@ -323,6 +323,37 @@ def test_decode_steps_equal_fused_forward_and_truth(name, dtype, k):
             assert_close_rel(got, base.double() + full[:, t].double(), TOLERANCE[dtype], f"step {t} vs fused")
 
 
+@needs_cuda
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_decode_step_is_graph_capturable(weight_dtype):
+    """One captured moss_lora_step replayed 40 times (the image walking its first rows, every other
+    sequence on text) equals stepping the reference backend; float32 adapters with bf16 activations
+    take the kernel's weight conversions inside the graph."""
+    B, W, d_in, d_out, rank = 8, 32, 512, 384, 64
+    g = torch.Generator().manual_seed(51)
+    ad = tuple(t.to(DEV, weight_dtype) for t in random_adapters(d_in, d_out, rank, 2, generator=g))
+    state = mk.ConvLoRAState(B, rank, 2, device=DEV, max_width=W)
+    ref = mk.ConvLoRAState(B, rank, 2, device=DEV, max_width=W)
+    x = torch.randn(B, d_in, device=DEV, dtype=torch.bfloat16)
+    pos = torch.zeros(B, dtype=torch.int64, device=DEV)
+    hw = torch.full((B,), W, device=DEV), torch.full((B,), W, device=DEV)
+    out = torch.zeros(B, d_out, device=DEV, dtype=torch.bfloat16)
+    mk.moss_lora_step(x, *ad, 1.0, state, pos, *hw, out=out, backend="native")  # warm up outside
+    state.pending.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        mk.moss_lora_step(x, *ad, 1.0, state, pos, *hw, out=out, backend="native")
+    text_rows = torch.arange(B, device=DEV) % 2 == 1
+    for step in range(40):
+        x.copy_(torch.randn(B, d_in, device=DEV))
+        pos.copy_(torch.where(text_rows, -1, step))
+        out.zero_()
+        graph.replay()
+        want = mk.moss_lora_step(x, *ad, 1.0, ref, pos, *hw, backend="reference")
+        assert_close_rel(out, want, TOLERANCE[torch.bfloat16], f"step {step}")
+    assert_close_rel(state.pending, ref.pending, TOLERANCE[torch.bfloat16], "ring")
+
+
 # ---------------------------------------------------------------------------- a large case
 @needs_cuda
 def test_large_case_fused_and_split():
