@@ -220,13 +220,14 @@ class Prepared:
     """What one timed call runs. ``fn()`` runs one call on the next input set (sets rotate so that a
     GPU's L2 does not keep inputs of the previous call) and returns its outputs (forward output,
     then gradients, where the op has them). ``persistent`` are the storages of inputs, weights and
-    index tables: saved tensors on them are no new memory. ``backend``: the backend the call runs
+    index tables, by data pointer, holding each storage so that its address cannot be reused by a
+tensor the call allocates: saved tensors on them are no new memory. ``backend``: the backend the call runs
     on (``None`` for the literal PyTorch code and the base linear)."""
 
     case: Case
     impl: str
     calls: list  # one zero-argument callable per input set
-    persistent: set
+    persistent: dict  # data pointer -> the storage, kept alive
     backend: Optional[str] = None
     _next: int = 0
 
@@ -236,12 +237,14 @@ class Prepared:
         return call()
 
 
-def _storages(objs, device: torch.device) -> set:
-    """Data pointers of every tensor storage in ``objs`` (layouts: their index tables on ``device``)."""
-    ptrs = set()
+def _storages(objs, device: torch.device) -> dict:
+    """Every tensor storage in ``objs`` (layouts: their index tables on ``device``) by data pointer.
+    The storages are kept, not just their addresses: an index table the layout does not cache would
+    otherwise be freed, and a tensor the timed call allocates at its address would count as old."""
+    ptrs = {}
     for o in objs:
         if isinstance(o, torch.Tensor):
-            ptrs.add(o.untyped_storage().data_ptr())
+            ptrs[o.untyped_storage().data_ptr()] = o.untyped_storage()
         elif isinstance(o, nn.Module):
             ptrs |= _storages(list(o.parameters()) + list(o.buffers()), device)
         elif isinstance(o, (list, tuple)):
@@ -362,7 +365,7 @@ def prepare(case: Case, impl: str, device, n_sets: int = 1, seed: int = 0) -> Pr
 
     layout = mix_layout(B, S, case.model.grid, MIXES[case.mix]) if case.op != "decode" else None
     text_layout = ImageLayout.text_only(B, S) if case.op != "decode" else None
-    calls, persistent = [], set()
+    calls, persistent = [], {}
     for _ in range(n_sets):
         grad = case.op in ("fwd_bwd",)
         w = _weights(case, device, gen, grad)

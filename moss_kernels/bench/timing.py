@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Container
 from typing import Callable, Optional
 
 import torch
@@ -163,7 +164,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.untyped_storage().nbytes()
 
 
-def measure_memory(fn: Callable, persistent: set, device) -> Memory:
+def measure_memory(fn: Callable, persistent: Container, device) -> Memory:
     """Run ``fn`` (a forward+backward call returning its tensors) once and measure its memory."""
     device = torch.device(device)
     saved: dict = {}
