@@ -37,6 +37,8 @@ LAYOUTS = {
     # runs of >= 64 consecutive rows go to BLAS in place (fp32), shorter ones are gathered: text
     # [92, 190) and [200+100, 400), images [5, 77) and [200, 300) are long; the rest short
     "long_runs": (2, 200, 24, 20, 6, 8, [(0, 5, 9, 8), (0, 80, 3, 4), (0, 190, 3, 4), (1, 0, 10, 10)]),
+    # a wide batch: a decode step has 12 image rows and 8 text rows, enough for its BLAS path
+    "wide_batch": (20, 12, 16, 12, 4, 8, [(b, 0, 3, 4) for b in range(12)]),
 }
 
 
@@ -227,7 +229,7 @@ def step_inputs(layout: mk.ImageLayout, t: int):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd"])
+@pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd", "wide_batch"])
 def test_decode_steps_equal_full_forward_and_reference(name, dtype, k):
     layout, x, weights = make_case(name, dtype, k, seed=13)
     B, S, _ = x.shape
