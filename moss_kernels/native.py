@@ -17,7 +17,9 @@ Environment:
 * ``MOSS_KERNELS_FORCE_BUILD=1`` — ignore ``_C`` and any cached build and compile again;
 * ``MOSS_KERNELS_CACHE_DIR`` — where JIT builds go (default ``$XDG_CACHE_HOME/moss_kernels`` or
   ``~/.cache/moss_kernels``);
-* ``MOSS_KERNELS_VERBOSE_BUILD=1`` — show the compiler's output.
+* ``MOSS_KERNELS_VERBOSE_BUILD=1`` — show the compiler's output;
+* ``MOSS_KERNELS_CUDA_FORWARD=auto|fused|split`` — the CUDA forward path at import (see
+  ``cuda_forward_path``; for benchmarking one path across a whole run).
 
 Any failure raises ``ImportError`` with the reason; ``moss_kernels.backends`` records it, warns
 once and falls back to the other backends, so ``import moss_kernels`` never breaks.
@@ -146,6 +148,12 @@ def _load() -> tuple[ModuleType, str]:
 
 
 extension, _origin = _load()
+
+if os.environ.get("MOSS_KERNELS_CUDA_FORWARD"):  # the CUDA forward path for a whole run (benchmarks)
+    try:
+        extension.set_cuda_forward_path(os.environ["MOSS_KERNELS_CUDA_FORWARD"])
+    except ValueError as e:
+        raise ValueError(f"environment variable MOSS_KERNELS_CUDA_FORWARD: {e}") from None
 
 
 def build_info() -> dict:

@@ -3,6 +3,8 @@ claims to compare. Speeds are never asserted here (they live in ``benchmarks/``)
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +153,14 @@ def test_measure_memory_counts_new_saved_tensors_only():
     assert m.saved_new_bytes == 4000  # y only
     assert m.saved_bytes == 8000  # y and x
     assert m.output_bytes == 4 + 4000
+
+
+def test_gpu_session_script_parses_and_names_its_stages():
+    """benchmarks/gpu_session.sh runs only on a lent GPU; here: valid bash, and a wrong stage is
+    refused with the usage line before anything is installed."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    proc = subprocess.run(["bash", str(script), "nonsense"], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/moss_gpu_session_check"})
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr and "test|sanitize|bench" in proc.stderr

@@ -122,6 +122,18 @@ def test_forward_path_default_is_auto_in_a_fresh_process():
     assert "PATH auto" in proc.stdout
 
 
+def test_forward_path_from_the_environment():
+    code = "import moss_kernels.native as n; print('PATH', n.extension.cuda_forward_path())"
+    env = dict(os.environ, MOSS_KERNELS_CUDA_FORWARD="split")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "PATH split" in proc.stdout
+    env["MOSS_KERNELS_CUDA_FORWARD"] = "fastest"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode != 0
+    assert "MOSS_KERNELS_CUDA_FORWARD" in proc.stderr and "'fastest'" in proc.stderr
+
+
 def test_forward_path_leaves_the_cpu_alone():
     layout = layout_of("mixed")
     g = torch.Generator().manual_seed(2)
