@@ -82,6 +82,10 @@ def _worker(rank, init_file, out_dir):
             mk.save_moss(model, os.path.join(out_dir, "fsdp2_adapter"))  # every rank: gathers the shards
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
+        # Both ranks done with every collective before either tears gloo down: a rank destroying
+        # its group while the other still talks to it aborted once in CI ("terminate called
+        # without an active exception"). Not in `finally`: after an error it would wait forever.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
