@@ -426,6 +426,22 @@ class ImageLayout:
         mask[self._image_rows] = True
         return mask.view(self.batch_size, self.seq_len).to(device)
 
+    def step_positions(
+        self, device: Union[str, torch.device] = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What ``moss_lora_step`` takes at each step when the sequences are decoded one token at a
+        time: ``(image_pos, height, width)``, each ``(seq, batch)`` int64, so that row ``t`` (one
+        contiguous vector per argument) is step ``t``. ``image_pos`` is the token's raster index in
+        its image (``-1`` for text, whose height and width are 1)."""
+        pos = torch.full((self.batch_size, self.seq_len), -1, dtype=torch.int64)
+        height = torch.ones(self.batch_size, self.seq_len, dtype=torch.int64)
+        width = torch.ones(self.batch_size, self.seq_len, dtype=torch.int64)
+        for s in self.spans:
+            pos[s.batch, s.start : s.start + s.length] = torch.arange(s.offset, s.end)
+            height[s.batch, s.start : s.start + s.length] = s.height
+            width[s.batch, s.start : s.start + s.length] = s.width
+        return tuple(t.t().contiguous().to(device) for t in (pos, height, width))
+
     def __repr__(self) -> str:
         return (f"ImageLayout(batch_size={self.batch_size}, seq_len={self.seq_len}, "
                 f"image_tokens={self.num_image_tokens}, spans={list(self.spans)!r})")

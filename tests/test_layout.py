@@ -170,3 +170,14 @@ def test_from_token_ids_bad_input(ids, grid, routing, error, message):
         ImageLayout.from_token_ids(torch.tensor(ids), BOI, grid, routing=routing)
     with pytest.raises(TypeError, match=r"input_ids must be a torch\.Tensor"):
         ImageLayout.from_token_ids([[1, 2]], BOI, (2, 2))
+
+
+def test_step_positions():
+    # row 0: text, a 2x3 image cut after 4 tokens; row 1: the last 2 tokens of that image (offset 4), text
+    layout = ImageLayout.from_spans(2, 6, [ImageSpan(0, 2, 2, 3, 0, 4), ImageSpan(1, 0, 2, 3, 4, 2)])
+    pos, height, width = layout.step_positions()
+    assert pos.dtype == height.dtype == width.dtype == torch.int64
+    assert pos.t().tolist() == [[-1, -1, 0, 1, 2, 3], [4, 5, -1, -1, -1, -1]]
+    assert height.t().tolist() == [[1, 1, 2, 2, 2, 2], [2, 2, 1, 1, 1, 1]]
+    assert width.t().tolist() == [[1, 1, 3, 3, 3, 3], [3, 3, 1, 1, 1, 1]]
+    assert all(t.shape == (6, 2) and t[3].is_contiguous() for t in (pos, height, width))  # row t: step t

@@ -217,16 +217,6 @@ def test_chunked_prefill_equals_full_forward(name, k):
             assert torch.allclose(states["native"].pending, states["reference"].pending, rtol=1e-5, atol=1e-5)
 
 
-def step_inputs(layout: mk.ImageLayout, t: int):
-    """image_pos, height, width for position t of every sequence."""
-    B = layout.batch_size
-    pos, hh, ww = torch.full((B,), -1), torch.ones(B, dtype=torch.int64), torch.ones(B, dtype=torch.int64)
-    for s in layout.spans:
-        if s.start <= t < s.start + s.length:
-            pos[s.batch], hh[s.batch], ww[s.batch] = s.offset + t - s.start, s.height, s.width
-    return pos, hh, ww
-
-
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd", "wide_batch"])
@@ -238,8 +228,9 @@ def test_decode_steps_equal_full_forward_and_reference(name, dtype, k):
     states = {be: mk.ConvLoRAState(B, r, k, max_width=width) for be in ("native", "reference")}
     with torch.no_grad():
         full = mk.moss_lora(x, layout, *weights, 0.5, backend="native")
+        steps = layout.step_positions()
         for t in range(S):
-            pos, hh, ww = step_inputs(layout, t)
+            pos, hh, ww = (p[t] for p in steps)
             base = torch.randn(B, full.shape[-1]).to(dtype)
             got = {}
             for be, st in states.items():

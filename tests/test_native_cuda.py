@@ -87,16 +87,6 @@ def forward(path, x, layout, weights, **kw):
         return mk.moss_lora(x, layout, *weights, SCALE, backend="native", **kw)
 
 
-def step_inputs(layout: mk.ImageLayout, t: int):
-    """image_pos, height, width (on the GPU) for position t of every sequence."""
-    B = layout.batch_size
-    pos, hh, ww = torch.full((B,), -1), torch.ones(B, dtype=torch.int64), torch.ones(B, dtype=torch.int64)
-    for s in layout.spans:
-        if s.start <= t < s.start + s.length:
-            pos[s.batch], hh[s.batch], ww[s.batch] = s.offset + t - s.start, s.height, s.width
-    return pos.to(DEV), hh.to(DEV), ww.to(DEV)
-
-
 # ---------------------------------------------------------------------------- the switch (runs everywhere)
 def test_forward_path_switch_validates_and_restores():
     assert ext.cuda_forward_path() == "auto"
@@ -326,8 +316,9 @@ def test_decode_steps_equal_fused_forward_and_truth(name, dtype, k):
     with torch.no_grad():
         full = forward("fused", x, layout, weights)
         assert_close_rel(full, want, TOLERANCE[dtype], "fused forward")
+        steps = layout.step_positions(DEV)
         for t in range(S):
-            pos, hh, ww = step_inputs(layout, t)
+            pos, hh, ww = (p[t] for p in steps)
             base = torch.randn(B, D_OUT, generator=g).to(dtype).to(DEV)
             got = mk.moss_lora_step(x[:, t], *weights, SCALE, state, pos, hh, ww, out=base.clone(), backend="native")
             # out is accumulated into: base + delta, rounded once

@@ -24,16 +24,11 @@ def _stepwise(x, layout, adapters, scale, rank, k, backend="reference"):
     """Token by token through the graph-capturable step, positions from the layout."""
     B, S, _ = x.shape
     st = mk.ConvLoRAState(B, rank, k, max_width=max(layout.max_width, 1))
-    pos = torch.full((B, S), -1, dtype=torch.int64)
-    hw = torch.ones(2, B, S, dtype=torch.int64)
-    for s in layout.spans:
-        pos[s.batch, s.start : s.start + s.length] = torch.arange(s.offset, s.end)
-        hw[0, s.batch, s.start : s.start + s.length] = s.height
-        hw[1, s.batch, s.start : s.start + s.length] = s.width
+    pos, height, width = layout.step_positions()
     outs = []
     with torch.no_grad():
         for t in range(S):
-            outs.append(mk.moss_lora_step(x[:, t], *adapters, scale, st, pos[:, t], hw[0, :, t], hw[1, :, t],
+            outs.append(mk.moss_lora_step(x[:, t], *adapters, scale, st, pos[t], height[t], width[t],
                                           backend=backend))
     return torch.stack(outs, dim=1), st
 
