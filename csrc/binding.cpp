@@ -103,11 +103,28 @@ void check_range(const at::Tensor& t, const char* name, int64_t lo, int64_t hi) 
                     mx, "], outside [", lo, ", ", hi, ")");
 }
 
+// An int64 index table of `shape` whose entries lie in [lo, hi).
+void check_table(const at::Tensor& t, const char* name, const at::Device& device,
+                 std::initializer_list<int64_t> shape, int64_t lo, int64_t hi) {
+  check_index(t, name, device);
+  check_shape(t, name, shape);
+  check_range(t, name, lo, hi);
+}
+
 // A 1-D int64 list of row indices into a tensor of `n` rows.
 void check_row_list(const at::Tensor& t, const char* name, const at::Device& device, int64_t n) {
-  check_index(t, name, device);
-  check_shape(t, name, {-1});
-  check_range(t, name, 0, n);
+  check_table(t, name, device, {-1}, 0, n);
+}
+
+// A floating tensor on `device`, contiguous, of `shape`, float32 where `fp32` (the rank-space rows
+// z / h saved by the forward) or any floating dtype (a state's ring of pending sums).
+void check_buffer(const at::Tensor& t, const char* name, const at::Device& device,
+                  std::initializer_list<int64_t> shape, bool fp32) {
+  TORCH_CHECK_TYPE(fp32 ? t.scalar_type() == at::kFloat : t.is_floating_point(), "moss_kernels native: argument '",
+                   name, "' must be ", fp32 ? "float32" : "floating", ", got ", t.scalar_type());
+  check_device(t, name, device);
+  check_contiguous(t, name);
+  check_shape(t, name, shape);
 }
 
 struct Adapters {
@@ -166,37 +183,23 @@ std::tuple<OptT, OptT> forward(const at::Tensor& x, at::Tensor out, const at::Te
   const int64_t n_i = image_rows.size(0), kk = a.k * a.k;
   moss::cpu::StateArgs st;
   if (a.w.defined()) {
-    check_index(conv_sources, "conv_sources", dev);
-    check_shape(conv_sources, "conv_sources", {n_i, kk});
-    check_range(conv_sources, "conv_sources", -1, n_i);
+    check_table(conv_sources, "conv_sources", dev, {n_i, kk}, -1, n_i);
   }
   if (pending.has_value()) {
     TORCH_CHECK_VALUE(a.w.defined(), "moss_kernels native: argument 'pending' needs 'image_weight'");
     st.pending = *pending;
-    TORCH_CHECK_TYPE(st.pending.is_floating_point(), "moss_kernels native: argument 'pending' must be floating, got ",
-                     st.pending.scalar_type());
-    check_device(st.pending, "pending", dev);
-    check_contiguous(st.pending, "pending");
-    check_shape(st.pending, "pending", {-1, a.r});
+    check_buffer(st.pending, "pending", dev, {-1, a.r}, false);
     const int64_t slots = st.pending.size(0);
     st.read_tokens = opt(read_tokens);
     st.read_slots = opt(read_slots);
     st.write_slots = opt(write_slots);
     st.write_sources = opt(write_sources);
     st.write_keep = opt(write_keep);
-    check_index(st.read_tokens, "read_tokens", dev);
-    check_shape(st.read_tokens, "read_tokens", {-1});
-    check_range(st.read_tokens, "read_tokens", 0, n_i);
-    check_index(st.read_slots, "read_slots", dev);
-    check_shape(st.read_slots, "read_slots", {st.read_tokens.size(0)});
-    check_range(st.read_slots, "read_slots", 0, slots);
-    check_index(st.write_slots, "write_slots", dev);
-    check_shape(st.write_slots, "write_slots", {-1});
-    check_range(st.write_slots, "write_slots", 0, slots);
+    check_table(st.read_tokens, "read_tokens", dev, {-1}, 0, n_i);
+    check_table(st.read_slots, "read_slots", dev, {st.read_tokens.size(0)}, 0, slots);
+    check_table(st.write_slots, "write_slots", dev, {-1}, 0, slots);
     const int64_t n_w = st.write_slots.size(0);
-    check_index(st.write_sources, "write_sources", dev);
-    check_shape(st.write_sources, "write_sources", {n_w, kk});
-    check_range(st.write_sources, "write_sources", -1, n_i);
+    check_table(st.write_sources, "write_sources", dev, {n_w, kk}, -1, n_i);
     check_index(st.write_keep, "write_keep", dev, at::kBool);
     check_shape(st.write_keep, "write_keep", {n_w});
   }
@@ -227,22 +230,12 @@ std::tuple<OptT, OptT, OptT, OptT, OptT> backward(const at::Tensor& grad_out, co
   at::Tensor th = opt(text_h), iz = opt(image_z);
   if (a.ta.defined() && n_t > 0) {
     TORCH_CHECK_VALUE(th.defined(), "moss_kernels native: argument 'text_h' is required with text rows");
-    TORCH_CHECK_TYPE(th.scalar_type() == at::kFloat, "moss_kernels native: argument 'text_h' must be float32, got ",
-                     th.scalar_type());
-    check_device(th, "text_h", dev);
-    check_contiguous(th, "text_h");
-    check_shape(th, "text_h", {n_t, a.r_t});
+    check_buffer(th, "text_h", dev, {n_t, a.r_t}, true);
   }
   if (a.w.defined() && n_i > 0) {
     TORCH_CHECK_VALUE(iz.defined(), "moss_kernels native: argument 'image_z' is required with image rows");
-    TORCH_CHECK_TYPE(iz.scalar_type() == at::kFloat, "moss_kernels native: argument 'image_z' must be float32, got ",
-                     iz.scalar_type());
-    check_device(iz, "image_z", dev);
-    check_contiguous(iz, "image_z");
-    check_shape(iz, "image_z", {n_i, a.r});
-    check_index(conv_targets, "conv_targets", dev);
-    check_shape(conv_targets, "conv_targets", {n_i, a.k * a.k});
-    check_range(conv_targets, "conv_targets", -1, n_i);
+    check_buffer(iz, "image_z", dev, {n_i, a.r}, true);
+    check_table(conv_targets, "conv_targets", dev, {n_i, a.k * a.k}, -1, n_i);
   }
   auto grads = dev.is_cpu()
                    ? moss::cpu::backward(grad_out, x, text_rows, image_rows, conv_targets, a.ta, a.tb, a.w, a.ib,
