@@ -12,6 +12,8 @@
 // The tiles and their math are tile_gemm.cuh's (wmma for fp16/bf16, exact fp32 FMA for fp32).
 // Each output element is written by exactly one block: deterministic, no atomics.
 #include <algorithm>
+#include <mutex>
+#include <unordered_map>
 
 #include "tile_gemm.cuh"
 
@@ -134,6 +136,25 @@ int64_t tiles_of(const FusedModality& m) { return m.n > 0 && m.r > 0 ? ceil_div(
 
 int64_t rank_of(const FusedModality& m) { return tiles_of(m) > 0 ? m.r : 0; }
 
+// Raises the kernel's dynamic shared memory limit to `bytes` on `device`, calling the runtime only
+// when a larger size than any granted before is asked for (not on every launch: a host call on the
+// forward's hot path). The attribute belongs to the function on the current device.
+template <typename CT>
+bool grant_smem(int device, int64_t bytes) {
+  static std::mutex mutex;
+  static std::unordered_map<int, int64_t> granted;  // device -> largest size granted so far
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto it = granted.find(device);
+  if (it != granted.end() && it->second >= bytes) return true;
+  if (cudaFuncSetAttribute(fused_forward_kernel<CT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the split path runs instead
+    return false;
+  }
+  granted[device] = bytes;
+  return true;
+}
+
 template <typename CT>
 bool launch(const FusedForwardArgs& a, cudaStream_t stream, const char** why) {
   const int64_t text_tiles = tiles_of(a.text), blocks = text_tiles + tiles_of(a.image);
@@ -152,14 +173,11 @@ bool launch(const FusedForwardArgs& a, cudaStream_t stream, const char** why) {
     if (why) *why = "too many row tiles for one grid";
     return false;
   }
-  auto kernel = fused_forward_kernel<CT>;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();  // clear it: the split path runs instead
+  if (!grant_smem<CT>(device, bytes)) {
     if (why) *why = "cudaFuncSetAttribute refused the shared memory size";
     return false;
   }
-  kernel<<<static_cast<unsigned>(blocks), THREADS, static_cast<size_t>(bytes), stream>>>(a, text_tiles);
+  fused_forward_kernel<CT><<<static_cast<unsigned>(blocks), THREADS, static_cast<size_t>(bytes), stream>>>(a, text_tiles);
   return true;
 }
 
