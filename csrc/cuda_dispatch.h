@@ -13,6 +13,15 @@
 
 namespace moss::dispatch {
 
+// Whether a call on `device` runs the CPU kernels (csrc/cpu). In the SIMT harness's test build
+// (MOSS_SIMT, tests/simt/torch_ext.py, never installed) every call runs the CUDA launch sequences
+// below on CPU tensors, the kernels executed by the harness.
+#ifdef MOSS_SIMT
+inline bool cpu_kernels(const at::Device&) { return false; }
+#else
+inline bool cpu_kernels(const at::Device& device) { return device.is_cpu(); }
+#endif
+
 #ifdef MOSS_WITH_CUDA
 inline bool with_cuda() { return true; }
 

@@ -8,6 +8,16 @@
 #include <cstdint>
 
 #include "../include/moss_cuda.h"
+
+// The launch seam: every launch is MOSS_LAUNCH(grid, block, smem, stream, kernel)(args...) and every
+// dynamic shared memory declaration MOSS_DYNAMIC_SHARED(type, name, align). Under nvcc they are
+// exactly `kernel<<<grid, block, smem, stream>>>(args...)` and `extern __shared__ __align__(align)
+// type name[]`; the SIMT harness (tests/simt, which runs these kernels on the CPU in CI) defines
+// them in its own <cuda_runtime.h>. The kernel comes last: a template argument list holds commas.
+#ifndef MOSS_LAUNCH
+#define MOSS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define MOSS_DYNAMIC_SHARED(type, name, align) extern __shared__ __align__(align) type name[]
+#endif
 #include "../include/moss_index.h"
 
 namespace moss::cuda {

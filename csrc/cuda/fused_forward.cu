@@ -50,7 +50,7 @@ struct Identity {
 
 template <typename CT>
 __global__ void __launch_bounds__(THREADS) fused_forward_kernel(FusedForwardArgs a, int64_t text_tiles) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  MOSS_DYNAMIC_SHARED(unsigned char, smem, 128);
   auto& tiles = *reinterpret_cast<Tiles<CT>*>(smem);
   auto* src_row = reinterpret_cast<int64_t*>(smem + sizeof(Tiles<CT>));
   CT* panel = reinterpret_cast<CT*>(smem + panel_offset<CT>());
@@ -177,7 +177,8 @@ bool launch(const FusedForwardArgs& a, cudaStream_t stream, const char** why) {
     if (why) *why = "cudaFuncSetAttribute refused the shared memory size";
     return false;
   }
-  fused_forward_kernel<CT><<<static_cast<unsigned>(blocks), THREADS, static_cast<size_t>(bytes), stream>>>(a, text_tiles);
+  MOSS_LAUNCH(static_cast<unsigned>(blocks), THREADS, static_cast<size_t>(bytes), stream, fused_forward_kernel<CT>)(
+      a, text_tiles);
   return true;
 }
 

@@ -40,7 +40,7 @@ template <typename CT>
 void launch(int64_t m, int64_t n, int64_t k, const Operand& a, const Operand& b, const Output& c,
             cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(m, BM)), static_cast<unsigned>(ceil_div(n, BN)));
-  gemm_kernel<CT><<<grid, THREADS, 0, stream>>>(m, n, k, a, b, c);
+  MOSS_LAUNCH(grid, THREADS, 0, stream, gemm_kernel<CT>)(m, n, k, a, b, c);
 }
 
 }  // namespace

@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(THREADS) fill_taps_kernel(float* __restrict__ 
 
 void shift_sum(const float* P, const int64_t* sources, int64_t n, int64_t kk, int64_t r, float* z, void* stream) {
   if (n <= 0) return;
-  shift_sum_kernel<<<grid_for(n * r, THREADS), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
+  MOSS_LAUNCH(grid_for(n * r, THREADS), THREADS, 0, static_cast<cudaStream_t>(stream), shift_sum_kernel)(
       P, sources, n, kk, r, z, nullptr, nullptr);
 }
 
@@ -68,17 +68,17 @@ void state_update(const float* P, float* z, int64_t kk, int64_t r, float* pendin
   auto s = static_cast<cudaStream_t>(stream);
   // Every read before any write: a slot read by this call may be rewritten by it.
   if (n_read > 0)
-    state_read_kernel<<<grid_for(n_read * r, THREADS), THREADS, 0, s>>>(z, pending, read_tokens, read_slots, n_read,
-                                                                         r);
+    MOSS_LAUNCH(grid_for(n_read * r, THREADS), THREADS, 0, s, state_read_kernel)(z, pending, read_tokens, read_slots,
+                                                                             n_read, r);
   if (n_write > 0)
-    shift_sum_kernel<<<grid_for(n_write * r, THREADS), THREADS, 0, s>>>(P, write_sources, n_write, kk, r, pending,
-                                                                         write_slots, write_keep);
+    MOSS_LAUNCH(grid_for(n_write * r, THREADS), THREADS, 0, s, shift_sum_kernel)(P, write_sources, n_write, kk, r,
+                                                                             pending, write_slots, write_keep);
 }
 
 void fill_taps(float* dP, const int64_t* targets, int64_t n, int64_t kk, int64_t r, void* stream) {
   if (n <= 0 || kk <= 1) return;
-  fill_taps_kernel<<<grid_for(n * (kk - 1) * r, THREADS), THREADS, 0, static_cast<cudaStream_t>(stream)>>>(
-      dP, targets, n, kk, r);
+  MOSS_LAUNCH(grid_for(n * (kk - 1) * r, THREADS), THREADS, 0, static_cast<cudaStream_t>(stream),
+              fill_taps_kernel)(dP, targets, n, kk, r);
 }
 
 }  // namespace moss::cuda

@@ -1,0 +1,3 @@
+// SIMT harness stand-in for <cuda_runtime.h> (see simt.h).
+#pragma once
+#include "simt.h"
