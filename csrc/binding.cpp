@@ -4,6 +4,7 @@
 //
 // Arguments mirror moss_kernels/reference.py forward/backward/decode_step; None is an empty
 // optional. Rows of x, out and grad_out need a unit column stride; any row stride is fine.
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <sstream>
@@ -161,11 +162,27 @@ Adapters check_adapters(const OptT& text_a, const OptT& text_b, const OptT& imag
   return a;
 }
 
+// A tensor the kernels write in place: no two of its elements may share memory (an expand()ed
+// tensor would be written racily on a GPU), nor may it overlap x.
+void check_writable(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(t) != at::MemOverlap::Yes, "moss_kernels native: argument '", name,
+                    "' has elements that share memory (strides ", t.strides(), "); give one with distinct elements");
+  const auto status = t.numel() && x.numel() ? at::get_overlap_status(t, x) : at::MemOverlapStatus::No;
+  TORCH_CHECK_VALUE(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial,
+                    "moss_kernels native: argument '", name, "' shares memory with x");
+}
+
 void check_x_out(const at::Tensor& x, const at::Tensor& out, const char* out_name) {
   check_float(x, "x", x.device());
   check_rows(x, "x");
   check_float(out, out_name, x.device());
   check_rows(out, out_name);
+  // Zero-width rows would reach divisions by the row width in the kernels' work splitting.
+  TORCH_CHECK_VALUE(x.size(1) >= 1, "moss_kernels native: argument 'x' must have at least one feature, got shape ",
+                    shape_str(x));
+  TORCH_CHECK_VALUE(out.size(1) >= 1, "moss_kernels native: argument '", out_name,
+                    "' must have at least one column (d_out >= 1), got shape ", shape_str(out));
+  if (std::string(out_name) == "out") check_writable(out, out_name, x);
 }
 
 std::tuple<OptT, OptT> forward(const at::Tensor& x, at::Tensor out, const at::Tensor& text_rows,
@@ -203,7 +220,7 @@ std::tuple<OptT, OptT> forward(const at::Tensor& x, at::Tensor out, const at::Te
     check_index(st.write_keep, "write_keep", dev, at::kBool);
     check_shape(st.write_keep, "write_keep", {n_w});
   }
-  if (dev.is_cpu()) {
+  if (moss::dispatch::cpu_kernels(dev)) {
     auto [th, iz] = moss::cpu::forward(x, out, text_rows, image_rows, conv_sources, a.ta, a.tb, a.w, a.ib, scale, st);
     return {wrap(th), wrap(iz)};
   }
@@ -237,7 +254,7 @@ std::tuple<OptT, OptT, OptT, OptT, OptT> backward(const at::Tensor& grad_out, co
     check_buffer(iz, "image_z", dev, {n_i, a.r}, true);
     check_table(conv_targets, "conv_targets", dev, {n_i, a.k * a.k}, -1, n_i);
   }
-  auto grads = dev.is_cpu()
+  auto grads = moss::dispatch::cpu_kernels(dev)
                    ? moss::cpu::backward(grad_out, x, text_rows, image_rows, conv_targets, a.ta, a.tb, a.w, a.ib,
                                          th, iz, scale, needs_x)
                    : moss::dispatch::cuda_backward(grad_out, x, text_rows, image_rows, conv_targets, a.ta, a.tb,
@@ -267,7 +284,7 @@ void decode_step(const at::Tensor& x, at::Tensor out, const OptT& text_a, const 
     check_contiguous(pending, "pending");
     check_shape(pending, "pending", {batch, -1, a.r});
   }
-  if (dev.is_cpu()) {
+  if (moss::dispatch::cpu_kernels(dev)) {
     moss::cpu::decode_step(x, out, a.ta, a.tb, a.w, a.ib, scale, pending, image_pos, height, width);
   } else {
     moss::dispatch::cuda_decode_step(x, out, a.ta, a.tb, a.w, a.ib, scale, pending, image_pos, height, width);
@@ -275,6 +292,8 @@ void decode_step(const at::Tensor& x, at::Tensor out, const OptT& text_a, const 
 }
 
 }  // namespace
+
+namespace moss::cpu { void register_deform_attn(pybind11::module_& m); }  // cpu/deform_attn.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "moss_kernels native backend (CPU kernels; CUDA kernels when built with CUDA)";
@@ -296,6 +315,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cuda_forward_path", &moss::dispatch::set_forward_path,
         "which CUDA forward runs, process-wide: 'auto' (fused where it applies), 'fused' or 'split'", py::arg("path"));
   m.def("cuda_forward_path", &moss::dispatch::forward_path_name, "the CUDA forward path set ('auto' by default)");
+  moss::cpu::register_deform_attn(m);  // ms_deform_* and mmfs_* (multi-scale deformable attention)
   m.attr("torch_version") = TORCH_VERSION;
   m.attr("source_hash") = MOSS_STR(MOSS_SOURCE_HASH);
 }

@@ -61,11 +61,19 @@ void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check_launch() { C10_CUDA_CHECK(cudaGetLastError()); }
 
-int64_t multiprocessors(const at::Tensor& on) {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, on.device().index()));
-  return count;
+// The one mixed-dtype policy of every backend (README "dtypes"): MMA operands are rounded to a half
+// type only when x and every weight given share it; any mix computes with fp32 operands (the
+// values as given, nothing rounded), always with fp32 accumulation.
+DType compute_of(const at::Tensor& x, std::initializer_list<at::Tensor> others) {
+  for (const at::Tensor& t : others)
+    if (t.defined() && t.scalar_type() != x.scalar_type()) return DType::kF32;
+  return dtype_of(x);
 }
+
+// The compute type of a GEMM with a fp32 rank-space operand (h, z, dh, dP): rank-space sums of fp16
+// inputs pass fp16's 65504 long before the outputs do, so they are rounded to bf16 (fp32's range)
+// instead (triton_kernels._common.rank_dot).
+DType rank_compute(DType compute) { return compute == DType::kF16 ? DType::kBF16 : compute; }
 
 // One modality of the fused forward; absent (n = r = 0) when the adapter or its rows are.
 cuda::FusedModality fused_modality(const at::Tensor& rows, const at::Tensor& sources, int64_t kk,
@@ -96,19 +104,22 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, at::Tensor&
                                                 const at::Tensor& write_slots, const at::Tensor& write_sources,
                                                 const at::Tensor& write_keep) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const DType compute = dtype_of(x);
+  const DType compute = compute_of(x, {text_a, text_b, image_weight, image_b});
   const auto f32 = x.options().dtype(at::kFloat);
   const float s = static_cast<float>(scale);
   const int64_t d_in = x.size(1), d_out = out.size(1), n_t = text_rows.numel(), n_i = image_rows.numel();
   at::Tensor text_h, image_z;
   const bool text = text_a.defined() && n_t > 0, image = image_weight.defined() && n_i > 0;
   const auto path = forward_path();
-  // "auto" takes the fused kernel only when its row tiles fill every SM at least once: it gives
-  // each block all of d_out, so a short batch would leave most of the GPU idle, where the split
-  // GEMMs tile over rows and columns. (A first guess; a GPU benchmark should settle the crossover.)
-  const int64_t row_tiles = (text ? ceil_div(n_t, cuda::kFusedRowsPerBlock) : 0) +
-                            (image ? ceil_div(n_i, cuda::kFusedRowsPerBlock) : 0);
-  if (path == ForwardPath::kFused || (path == ForwardPath::kAuto && row_tiles >= multiprocessors(x))) {
+  // "auto" takes the fused kernel wherever it applies, whatever the number of rows: choosing by the
+  // batch's row count would make a sequence's bits depend on what else is in the batch (the two
+  // paths round and reduce differently). The fused kernel reads x in the compute type, so a mixed
+  // call (compute fp32, x half) runs the split path.
+  // fp16 runs the split path too: the fused kernel rounds its z panel to the compute type.
+  const bool fusable = compute == dtype_of(x) && compute != DType::kF16;
+  TORCH_CHECK(path != ForwardPath::kFused || fusable, "moss_kernels native (CUDA): the fused forward path cannot "
+              "run float16, or a call whose weights' dtypes differ from x's; use set_cuda_forward_path('auto')");
+  if (fusable && (path == ForwardPath::kFused || path == ForwardPath::kAuto)) {
     TORCH_CHECK(path != ForwardPath::kFused || !pending.defined(), "moss_kernels native (CUDA): the fused forward "
                 "path cannot continue a pending state (chunked prefill runs the split path); use "
                 "set_cuda_forward_path('auto')");
@@ -147,7 +158,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, at::Tensor&
     const int64_t rt = A.size(0);
     text_h = at::empty({n_t, rt}, f32);
     cuda::gemm(n_t, rt, d_in, rows_of(x, text_rows), transposed(A), store(text_h), compute, stream());
-    cuda::gemm(n_t, d_out, rt, rows_of(text_h), transposed(B), store(out, s, text_rows, true), compute, stream());
+    cuda::gemm(n_t, d_out, rt, rows_of(text_h), transposed(B), store(out, s, text_rows, true), rank_compute(compute),
+               stream());
     check_launch();
   }
   if (image) {
@@ -166,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor> cuda_forward(const at::Tensor& x, at::Tensor&
                          write_keep.data_ptr<bool>(), write_slots.numel(), stream());
       if (!pf.is_same(pending)) pending.copy_(pf);  // a non-fp32 ring went through a fp32 copy
     }
-    cuda::gemm(n_i, d_out, r, rows_of(image_z), transposed(B), store(out, s, image_rows, true), compute, stream());
+    cuda::gemm(n_i, d_out, r, rows_of(image_z), transposed(B), store(out, s, image_rows, true), rank_compute(compute),
+               stream());
     check_launch();
   }
   return {text_h, image_z};
@@ -178,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
     const at::Tensor& image_weight, const at::Tensor& image_b, const at::Tensor& text_h, const at::Tensor& image_z,
     double scale, bool needs_x) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const DType compute = dtype_of(x);
+  const DType compute = compute_of(x, {grad_out, text_a, text_b, image_weight, image_b});
   const auto f32 = x.options().dtype(at::kFloat);
   const float s = static_cast<float>(scale);
   const int64_t N = x.size(0), d_in = x.size(1), d_out = grad_out.size(1);
@@ -196,11 +209,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
     d_tb = at::zeros({d_out, rt}, f32);
     if (n_t > 0) {
       const at::Tensor dh = at::empty({n_t, rt}, f32);
-      cuda::gemm(d_out, rt, n_t, transposed(grad_out, text_rows), rows_of(text_h), store(d_tb, s), compute,
-                 stream());
+      const DType rc = rank_compute(compute);
+      cuda::gemm(d_out, rt, n_t, transposed(grad_out, text_rows), rows_of(text_h), store(d_tb, s), rc, stream());
       cuda::gemm(n_t, rt, d_out, rows_of(grad_out, text_rows), rows_of(B), store(dh, s), compute, stream());
-      cuda::gemm(rt, d_in, n_t, transposed(dh), rows_of(x, text_rows), store(d_ta), compute, stream());
-      if (needs_x) cuda::gemm(n_t, d_in, rt, rows_of(dh), rows_of(A), store(dx, 1.0f, text_rows), compute, stream());
+      cuda::gemm(rt, d_in, n_t, transposed(dh), rows_of(x, text_rows), store(d_ta), rc, stream());
+      if (needs_x) cuda::gemm(n_t, d_in, rt, rows_of(dh), rows_of(A), store(dx, 1.0f, text_rows), rc, stream());
       check_launch();
     }
     d_ta = d_ta.to(text_a.scalar_type());
@@ -213,13 +226,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cuda_back
     if (n_i > 0) {
       const at::Tensor K = stacked_taps(image_weight), B = image_b.contiguous();
       const at::Tensor dP = at::empty({n_i, kk * r}, f32);
-      cuda::gemm(d_out, r, n_i, transposed(grad_out, image_rows), rows_of(image_z), store(d_ib, s), compute,
-                 stream());
+      const DType rc = rank_compute(compute);
+      cuda::gemm(d_out, r, n_i, transposed(grad_out, image_rows), rows_of(image_z), store(d_ib, s), rc, stream());
       cuda::gemm(n_i, r, d_out, rows_of(grad_out, image_rows), rows_of(B), store(dP, s, {}, false, (kk - 1) * r),
                  compute, stream());
       cuda::fill_taps(dP.data_ptr<float>(), conv_targets.data_ptr<int64_t>(), n_i, kk, r, stream());
-      cuda::gemm(kk * r, d_in, n_i, transposed(dP), rows_of(x, image_rows), store(dK), compute, stream());
-      if (needs_x) cuda::gemm(n_i, d_in, kk * r, rows_of(dP), rows_of(K), store(dx, 1.0f, image_rows), compute,
+      cuda::gemm(kk * r, d_in, n_i, transposed(dP), rows_of(x, image_rows), store(dK), rc, stream());
+      if (needs_x) cuda::gemm(n_i, d_in, kk * r, rows_of(dP), rows_of(K), store(dx, 1.0f, image_rows), rc,
                               stream());
       check_launch();
     }
@@ -233,16 +246,22 @@ void cuda_decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& te
                       const at::Tensor& image_weight, const at::Tensor& image_b, double scale, at::Tensor& pending,
                       const at::Tensor& image_pos, const at::Tensor& height, const at::Tensor& width) {
   const c10::cuda::CUDAGuard guard(x.device());
-  // The kernel reads weights in x's dtype and a fp32 ring; convert where the caller's differ.
-  const auto as_x = [&](const at::Tensor& t) { return t.defined() ? t.to(x.scalar_type()).contiguous() : t; };
-  const at::Tensor ta = as_x(text_a), tb = as_x(text_b), w = as_x(image_weight), ib = as_x(image_b);
-  at::Tensor target = out.scalar_type() == x.scalar_type() && out.is_contiguous() ? out : out.to(x.scalar_type());
+  // The kernel reads x and the weights in one dtype and a fp32 ring. That dtype is x's when every
+  // weight shares it, else fp32 (compute_of: a mix is never rounded to half); convert where needed.
+  const at::ScalarType ct =
+      compute_of(x, {text_a, text_b, image_weight, image_b}) == dtype_of(x) ? x.scalar_type() : at::kFloat;
+  const auto as_c = [&](const at::Tensor& t) { return t.defined() ? t.to(ct).contiguous() : t; };
+  const at::Tensor xc = x.scalar_type() == ct ? x : x.to(ct).contiguous();
+  const at::Tensor ta = as_c(text_a), tb = as_c(text_b), w = as_c(image_weight), ib = as_c(image_b);
+  // The kernel writes row b at b * d_out: a row-strided out goes through a contiguous copy (to()
+  // alone would return the strided tensor itself when the dtype already matches).
+  at::Tensor target = out.scalar_type() == ct && out.is_contiguous() ? out : out.to(ct).contiguous();
   const bool image = w.defined();
   at::Tensor ring = image && pending.scalar_type() != at::kFloat ? pending.to(at::kFloat) : pending;
   cuda::DecodeArgs a{};
-  a.dtype = dtype_of(x);
-  a.x = x.data_ptr();
-  a.ldx = x.stride(0);
+  a.dtype = dtype_of(xc);
+  a.x = xc.data_ptr();
+  a.ldx = xc.stride(0);
   a.out = target.data_ptr();
   a.batch = x.size(0);
   a.d_in = x.size(1);

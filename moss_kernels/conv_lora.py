@@ -15,6 +15,7 @@ that checks user input and resolves the backend (``backends.resolve``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -36,10 +37,11 @@ def _rows(t: Tensor) -> Tensor:
     """``(B, S, d)`` -> ``(B*S, d)`` without a copy when the rows allow it (strided rows are fine)."""
     if t.stride(-1) != 1:
         t = t.contiguous()
+    n = t.shape[0] * t.shape[1]  # explicit: -1 is ambiguous for a tensor with no elements
     try:
-        return t.view(-1, t.shape[-1])
+        return t.view(n, t.shape[-1])
     except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
+        return t.reshape(n, t.shape[-1])
 
 
 def _eager_or_op(op, impl):
@@ -54,6 +56,25 @@ def _eager_or_op(op, impl):
         return op(*args) if torch.compiler.is_compiling() else impl(*args)
 
     return call
+
+
+def _no_autocast(fn):
+    """Run a backend with autocast off: the ops compute from the dtypes they are given (README
+    "dtypes"), and autocast must not re-round the float32 products inside a backend (the reference
+    backend's matmuls would turn bfloat16 and then meet float32 operands)."""
+
+    def call(*args, **kwargs):
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return fn(*args, **kwargs)  # the common case: no context to enter on every decode step
+        with torch.autocast("cpu", enabled=False), _cuda_autocast_off():
+            return fn(*args, **kwargs)
+
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
+
+
+def _cuda_autocast_off():
+    return torch.autocast("cuda", enabled=False) if torch.cuda.is_available() else contextlib.nullcontext()
 
 
 def _opt(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -83,7 +104,7 @@ def _lora_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     B, S, _ = x.shape
     out = torch.zeros(B * S, _d_out(text_b, image_b), dtype=x.dtype, device=x.device)
-    text_h, image_z = backends.get_backend(backend).forward(
+    text_h, image_z = _no_autocast(backends.get_backend(backend).forward)(
         _rows(x), out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight, image_b, scale)
     cdt = compute_dtype(x, text_a, image_weight)
     return (out.view(B, S, -1),
@@ -110,7 +131,7 @@ def _lora_backward(
     text_a: Optional[Tensor], text_b: Optional[Tensor], image_weight: Optional[Tensor], image_b: Optional[Tensor],
     text_h: Tensor, image_z: Tensor, scale: float, needs_x: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = backends.get_backend(backend).backward(
+    grads = _no_autocast(backends.get_backend(backend).backward)(
         _rows(grad), _rows(x), text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b,
         _opt(text_h), _opt(image_z), scale, needs_x)
     dx = _empty(x) if grads[0] is None else grads[0].view(x.shape)
@@ -162,7 +183,7 @@ def _lora_accumulate(
 
         state_index = StateIndex(read_tokens, read_slots, write_slots, write_sources, write_keep)
         pending = pending.view(-1, pending.shape[-1])
-    backends.get_backend(backend).forward(
+    _no_autocast(backends.get_backend(backend).forward)(
         _rows(x), out.view(-1, out.shape[-1]), text_rows, image_rows, conv_sources, text_a, text_b,
         image_weight, image_b, scale, pending, state_index)
 
@@ -181,7 +202,7 @@ def _lora_step(
     image_b: Optional[Tensor], scale: float, pending: Tensor, image_pos: Tensor, height: Tensor, width: Tensor,
     backend: str,
 ) -> None:
-    backends.get_backend(backend).decode_step(
+    _no_autocast(backends.get_backend(backend).decode_step)(
         x, out, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width)
 
 
@@ -214,18 +235,27 @@ def _check_adapters(x: Tensor, text_a, text_b, image_weight, image_b) -> int:
         raise ValueError("image_weight and image_b must be given together")
     if text_a is None and image_weight is None:
         raise ValueError("give at least one adapter (text_a/text_b or image_weight/image_b)")
-    d_out = None
     if text_a is not None:
         _check_tensor("text_a", text_a, 2, x.device)
         _check_tensor("text_b", text_b, 2, x.device)
+    if image_weight is not None:
+        _check_tensor("image_weight", image_weight, 4, x.device)
+        _check_tensor("image_b", image_b, 2, x.device)
+    # When the adapters agree on their input width and x does not, x is what is wrong.
+    widths = {name: t for name, t in (("text_a", text_a), ("image_weight", image_weight)) if t is not None}
+    if len({t.shape[1] for t in widths.values()}) == 1:
+        name, t = next(iter(widths.items()))
+        if t.shape[1] != d_in:
+            raise ValueError(f"x has last dimension {d_in}, but the adapters take inputs of width {t.shape[1]} "
+                             f"({name} has shape {tuple(t.shape)}): x must end in {t.shape[1]}")
+    d_out = None
+    if text_a is not None:
         if text_a.shape[1] != d_in:
             raise ValueError(f"text_a must have shape (rank, {d_in}), got {tuple(text_a.shape)}")
         if text_b.shape[1] != text_a.shape[0]:
             raise ValueError(f"text_b must have shape (d_out, {text_a.shape[0]}), got {tuple(text_b.shape)}")
         d_out = text_b.shape[0]
     if image_weight is not None:
-        _check_tensor("image_weight", image_weight, 4, x.device)
-        _check_tensor("image_b", image_b, 2, x.device)
         r, wd, kh, kw = image_weight.shape
         if wd != d_in or kh != kw or kh < 1:
             raise ValueError(f"image_weight must have shape (rank, {d_in}, k, k), got {tuple(image_weight.shape)}")
@@ -237,20 +267,54 @@ def _check_adapters(x: Tensor, text_a, text_b, image_weight, image_b) -> int:
     return d_out
 
 
-def _check_positions(image_pos: Tensor, height: Tensor, width: Tensor, k: int, capacity: int) -> None:
-    """Every image row's position lies in its image and its ring fits the state: a bad one would
-    index another sequence's slots. On the CPU the values are at hand; on a GPU the check runs on
-    the device without a synchronisation (graph-capturable)."""
-    if image_pos.device.type == "cpu":
+def _check_positions(image_pos: Tensor, height: Tensor, width: Tensor, k: int, capacity: Optional[int]) -> None:
+    """The one check of a decode step's positions, for every backend: each ``image_pos`` is ``-1``
+    (text) or a raster index inside its ``height x width`` image (both at least 1), and with a ring
+    (``capacity`` given, ``k > 1``) the image's ``(k-1)(width+1)`` slots fit the state. A bad row would
+    index another sequence's slots, or memory past the state.
+
+    On the CPU in eager mode the values are at hand: ``ValueError`` naming the argument and the row.
+    On a GPU, and while ``torch.compile`` traces, the same predicate runs on the device as one
+    ``torch._assert_async`` (no host synchronisation: CUDA-graph safe; a failure is a device-side
+    assert). Every backend's kernel also leaves such a row untouched, so nothing is read or written
+    out of bounds even past this check. All comparisons are overflow-free (``p // W < H``, not
+    ``p < H * W``).
+    """
+    ring = capacity is not None and k > 1
+    if image_pos.device.type == "cpu" and not torch.compiler.is_compiling():
         for b, (p, h, w) in enumerate(zip(image_pos.tolist(), height.tolist(), width.tolist())):
-            if p >= 0 and not (p < h * w and (k - 1) * (w + 1) <= capacity):
-                raise ValueError(f"image_pos[{b}] = {p} of a {h}x{w} image: beyond the image, or the state's "
-                                 f"capacity {capacity} is below (k-1)*(width+1) = {(k - 1) * (w + 1)} "
-                                 "(reserve the width first)")
+            if p < -1:
+                raise ValueError(f"image_pos[{b}] = {p}: must be -1 (a text token) or a raster index >= 0")
+            if p < 0:
+                continue
+            if h < 1 or w < 1:
+                raise ValueError(f"height[{b}] = {h}, width[{b}] = {w}: an image token's grid must be at least 1x1")
+            if p // w >= h:
+                raise ValueError(f"image_pos[{b}] = {p} is beyond the {h}x{w} image")
+            if ring and w > capacity // (k - 1) - 1:
+                raise ValueError(f"width[{b}] = {w}: the state's capacity {capacity} is below the (k-1)*(width+1) = "
+                                 f"{(k - 1) * (w + 1)} slots this image needs (reserve the width first)")
         return
-    fits = (image_pos < height * width) & ((k - 1) * (width + 1) <= capacity)
-    torch._assert_async((fits | (image_pos < 0)).all(),
-                        "moss_lora_step: image_pos beyond the image, or state capacity below (k-1)*(width+1)")
+    is_image = image_pos >= 0
+    W = width.clamp(min=1)
+    fits = (height >= 1) & (width >= 1) & (image_pos // W < height)
+    if ring:
+        fits &= W <= capacity // (k - 1) - 1
+    torch._assert_async((image_pos >= -1).all() & (fits | ~is_image).all(),
+                        "moss_lora_step: image_pos must be -1 or lie inside its height x width image (both >= 1), "
+                        "and the state's capacity must cover (k-1)*(width+1)")
+
+
+def _check_features(x: Tensor) -> None:
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have at least one feature (d_in >= 1), got shape {tuple(x.shape)}")
+
+
+def _check_d_out(d_out: int, text_b: Optional[Tensor], image_b: Optional[Tensor]) -> None:
+    if d_out == 0:
+        name = "text_b" if text_b is not None else "image_b"
+        raise ValueError(f"{name} must have at least one output row (d_out >= 1), got shape "
+                         f"{tuple((text_b if text_b is not None else image_b).shape)}")
 
 
 def _check_scale(scale) -> float:
@@ -259,10 +323,48 @@ def _check_scale(scale) -> float:
     return float(scale)
 
 
-def _check_out(out, x: Tensor, d_out: int, leading: tuple) -> None:
+def _overlaps_itself(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (``expand``, ``as_strided``): the strides,
+    sorted, must each pass every offset the smaller ones reach. (A few exotic interleaved layouts
+    that do not overlap fail this too; they are refused as well, with the same message.)"""
+    reach = 0
+    for stride, size in sorted((t.stride(d), t.shape[d]) for d in range(t.dim()) if t.shape[d] > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    first = t.storage_offset() * t.element_size()
+    last = first + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) * t.element_size()
+    return first, last + t.element_size()
+
+
+def _shares_memory(a: Tensor, b: Optional[Tensor]) -> bool:
+    """Whether ``a`` and ``b`` may overlap: same storage and intersecting byte ranges."""
+    if b is None or a.numel() == 0 or b.numel() == 0 or a.data_ptr() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False  # the common case, decided without the ranges
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _check_out(out, x: Tensor, d_out: int, leading: tuple, *inputs: Optional[Tensor]) -> None:
+    """``out`` is written in place, by many threads on a GPU: it must have the right shape, no two
+    of its elements may share memory, and it may not overlap ``x`` or a weight it is computed from."""
     _check_tensor("out", out, len(leading) + 1, x.device)
     if tuple(out.shape) != (*leading, d_out):
         raise ValueError(f"out must have shape {(*leading, d_out)}, got {tuple(out.shape)}")
+    if _overlaps_itself(out):
+        raise ValueError(f"out has elements that share memory (strides {tuple(out.stride())} for shape "
+                         f"{tuple(out.shape)}, e.g. an expand()ed tensor): it is written in place, give one "
+                         "with distinct elements")
+    if not torch.compiler.is_compiling():  # while tracing, storages are fake; functionalization orders aliases
+        for name, t in (("x", x), *zip(("text_a", "text_b", "image_weight", "image_b"), inputs)):
+            if _shares_memory(out, t):
+                raise ValueError(f"out shares memory with {name}: it is written while {name} is read")
 
 
 # ============================================================================ public API
@@ -294,19 +396,27 @@ def moss_lora(
             pending sums in; inference only.
         backend: ``"triton"``, ``"native"``, ``"reference"`` or ``None`` for the default.
 
-    Returns the delta ``(batch, seq, d_out)`` in ``x``'s dtype (or ``out``). Computation accumulates
-    in float32; weights may have another dtype than ``x`` (their gradients keep their own).
+    Returns the delta ``(batch, seq, d_out)`` in ``x``'s dtype (or ``out``).
+
+    Dtypes, one policy on every backend: products take half-precision operands only when ``x`` and
+    every weight given share that half dtype; any mix (bf16 ``x`` with float32 weights, float32 ``x``
+    with half weights) computes with float32 operands, nothing rounded. Accumulation is float32;
+    each gradient has its own tensor's dtype. A float32 rank-space intermediate of float16 inputs that
+    feeds a tensor-core product is rounded to bfloat16 (float16 would overflow at 65504). Under
+    ``torch.autocast`` the op computes from the dtypes it is given, exactly as without autocast.
     """
     _check_tensor("x", x, 3)
+    _check_features(x)
     if not isinstance(layout, ImageLayout):
         raise TypeError(f"layout must be an ImageLayout, got {type(layout).__name__}")
     if tuple(x.shape[:2]) != (layout.batch_size, layout.seq_len):
         raise ValueError(f"x has shape {tuple(x.shape)}, but the layout is for "
                          f"(batch={layout.batch_size}, seq={layout.seq_len}, d_in)")
     d_out = _check_adapters(x, text_a, text_b, image_weight, image_b)
+    _check_d_out(d_out, text_b, image_b)
     scale = _check_scale(scale)
     if out is not None:
-        _check_out(out, x, d_out, tuple(x.shape[:2]))
+        _check_out(out, x, d_out, tuple(x.shape[:2]), text_a, text_b, image_weight, image_b)
     k = image_weight.shape[-1] if image_weight is not None else 1
     name = backends.resolve(backend, x.device, _case_dtype(x, *(text_a, image_weight)), k)
     index = layout.index(x.device, k)
@@ -396,9 +506,18 @@ def moss_lora_step(
     device; ``image_pos[b]`` is the raster index of the token in its image, ``-1`` for text.
     ``state.capacity`` must already cover the widest image (``ConvLoRAState(max_width=...)`` or
     ``reserve``). Returns the delta ``(batch, d_out)`` (or ``out`` with it added).
+
+    Pending sums: a token at ``image_pos = 0`` starts a new image, and nothing an earlier image of
+    that sequence left pending (finished, or left before its end) is added to it; the state needs no
+    reset between images. Text tokens (``-1``) leave the ring as it is, so an image can be left and
+    resumed at its next raster index (end-of-row tokens, interleaved text). Positions are checked
+    once for every backend (``_check_positions``): on the CPU a ``ValueError``, on a GPU or while
+    compiling a device-side assert, no host synchronisation.
     """
     _check_tensor("x", x, 2)
+    _check_features(x)
     d_out = _check_adapters(x, text_a, text_b, image_weight, image_b)
+    _check_d_out(d_out, text_b, image_b)
     scale = _check_scale(scale)
     batch = x.shape[0]
     for name_, t in (("image_pos", image_pos), ("height", height), ("width", width)):
@@ -408,7 +527,7 @@ def moss_lora_step(
     if out is None:
         out = x.new_zeros(batch, d_out)
     else:
-        _check_out(out, x, d_out, (batch,))
+        _check_out(out, x, d_out, (batch,), text_a, text_b, image_weight, image_b)
     k = image_weight.shape[-1] if image_weight is not None else 1
     if image_weight is not None:
         if not isinstance(state, ConvLoRAState):
@@ -417,11 +536,11 @@ def moss_lora_step(
             raise ValueError(f"state {state} does not fit batch {batch}, rank {image_weight.shape[0]}, kernel_size {k}")
         if state.pending.device != x.device:
             raise ValueError(f"state is on {state.pending.device}, x on {x.device}")
-        if k > 1:
-            _check_positions(image_pos, height, width, k, state.capacity)
+        _check_positions(image_pos, height, width, k, state.capacity)
         pending = state.pending
         state.mark_unchecked()
     else:
+        _check_positions(image_pos, height, width, k, None)
         pending = x.new_zeros(batch, 0, 1, dtype=torch.float32)
     name = backends.resolve(backend, x.device, _case_dtype(x, text_a, image_weight), k)
     target = out if out.is_contiguous() else out.contiguous()

@@ -27,7 +27,13 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["ConvIndex", "ImageLayout", "ImageSegment", "ImageSpan", "StateIndex", "ring_size"]
+__all__ = ["MAX_SIDE", "ConvIndex", "ImageLayout", "ImageSegment", "ImageSpan", "StateIndex", "first_contributor",
+           "ring_size"]
+
+
+# The largest image side a layout accepts: with both sides below 2^31, H*W and every index derived
+# from it (plus a kernel's reach, k*W with k < 2^31) stays below 2^63.
+MAX_SIDE = 2**31 - 1
 
 
 def ring_size(kernel_size: int, width: int) -> int:
@@ -37,6 +43,21 @@ def ring_size(kernel_size: int, width: int) -> int:
     ring with that many slots, indexed by ``p mod L``, holds every sum still owed to a later token.
     """
     return (kernel_size - 1) * (width + 1)
+
+
+def first_contributor(p: torch.Tensor, kernel_size: int, width: int) -> torch.Tensor:
+    """The earliest image token (raster index) whose taps reach image token ``p``; ``p`` itself
+    for ``p = 0`` (nothing earlier reaches it).
+
+    The taps reaching ``(i, j)`` come from the ``k x k`` block up and left of it, clipped to the
+    grid, so the first in raster order is ``(max(i-k+1, 0), max(j-k+1, 0))``. This is what makes a
+    state need no reset: a slot of the ring is read, or its old sum kept, only when this token has
+    an earlier contributor in its own image (``first_contributor(p) < p``, or ``< offset`` for a
+    chunk starting at ``offset``); the earliest contributor writes the slot rather than adding to it.
+    """
+    k1 = kernel_size - 1
+    i, j = p // width, p % width
+    return (i - k1).clamp(min=0) * width + (j - k1).clamp(min=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +125,58 @@ class StateIndex(NamedTuple):
 SpanLike = Union[ImageSpan, Sequence[int]]
 
 
+class _GridCheck:
+    """Checks the ids of the image after one ``<boi>`` against the grid (``from_token_ids``)."""
+
+    def __init__(self, input_ids: torch.Tensor, grid: tuple[int, int], boi: int, eoi: int | None, image_ids) -> None:
+        self.ids = input_ids.cpu()
+        self.grid, self.boi, self.eoi = grid, boi, eoi
+        self.codes = None  # (batch, seq) bool: which tokens are image codes
+        if image_ids is not None:
+            if isinstance(image_ids, range) and image_ids.step == 1:
+                self.codes = (self.ids >= image_ids.start) & (self.ids < image_ids.stop)
+                self.code_desc = f"range({image_ids.start}, {image_ids.stop})"
+            else:
+                try:
+                    allowed = torch.as_tensor(list(image_ids), dtype=self.ids.dtype)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError("image_token_ids must be a range or a collection of ints, got "
+                                    f"{type(image_ids).__name__}") from None
+                self.codes = torch.isin(self.ids, allowed)
+                self.code_desc = f"the {allowed.numel()} ids of image_token_ids"
+
+    def __call__(self, b: int, pos: int) -> None:
+        (height, width), row = self.grid, self.ids[b]
+        size, seq_len, start = height * width, row.numel(), pos + 1
+        end = min(start + size, seq_len)
+        where = f"from_token_ids: the image after the <boi> at (batch {b}, position {pos}), grid {self.grid}"
+        body = row[start:end]
+        for marker, mid in (("<eoi>", self.eoi), ("<boi>", self.boi)):
+            if mid is None:
+                continue
+            hits = (body == mid).nonzero()
+            if hits.numel():
+                j = int(hits[0])
+                raise ValueError(f"{where}: a {marker} (id {mid}) at position {start + j}, after {j} of its {size} "
+                                 "image tokens: the image is shorter than the grid")
+        if self.codes is not None:
+            bad = (~self.codes[b, start:end]).nonzero()
+            if bad.numel():
+                j = int(bad[0])
+                raise ValueError(f"{where}: position {start + j} (image token {j} of {size}) holds id "
+                                 f"{int(body[j])}, not an image code ({self.code_desc}): the image is shorter "
+                                 "than the grid, or text cuts it short")
+        if start + size >= seq_len:
+            return  # the sequence ends inside the image, or right after it: nothing follows to check
+        after = int(row[start + size])
+        if self.eoi is not None and after != self.eoi:
+            raise ValueError(f"{where}: expected the <eoi> (id {self.eoi}) after its {size} image tokens, at position "
+                             f"{start + size}, found id {after}: the grid is smaller than the image")
+        if self.codes is not None and bool(self.codes[b, start + size]):
+            raise ValueError(f"{where}: position {start + size}, after its {size} image tokens, still holds an image "
+                             f"code (id {after}): the grid is smaller than the image")
+
+
 def _check_int(name: str, value, span_desc: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         try:
@@ -163,6 +236,11 @@ class ImageLayout:
             offset = _check_int("offset", span.offset, desc)
             if height <= 0 or width <= 0:
                 raise ValueError(f"{desc}: height and width must be positive")
+            if height > MAX_SIDE or width > MAX_SIDE:
+                # Bounding the sides keeps every raster index, neighbour offset and ring slot
+                # (k*W, (k-1)(W+1), H*W + k*W) far from int64 overflow in every backend.
+                raise ValueError(f"{desc}: height and width must be at most {MAX_SIDE} (2^31 - 1), "
+                                 f"got {height} x {width}")
             if not 0 <= batch < batch_size:
                 raise ValueError(f"{desc}: batch {batch} is outside the batch of size {batch_size}")
             if not 0 <= start < seq_len:
@@ -199,14 +277,27 @@ class ImageLayout:
         boi_token_id: int,
         grid: Sequence[int],
         routing: str = "input",
+        *,
+        eoi_token_id: int | None = None,
+        image_token_ids: range | Sequence[int] | torch.Tensor | None = None,
     ) -> ImageLayout:
         """Derive the layout from token ids: after every ``boi_token_id`` come the ``H x W`` image
         tokens of one image (``grid = (H, W)``), cut at the end of the sequence.
 
         ``routing="input"`` puts the grid on the image tokens themselves (the paper's Figure 2);
         ``routing="output"`` on the ``H x W`` positions whose outputs predict them (the marker
-        through the second-to-last image token). A marker inside an earlier image is image data,
-        not a new image. This reads the ids on the host once per batch.
+        through the second-to-last image token). This reads the ids on the host once per batch.
+
+        Without the optional ids, a marker inside an earlier image is image data, not a new image,
+        and nothing checks that the grid fits. With them, every image is checked against its ids
+        and a grid that does not match raises ``ValueError`` naming the image (batch row, ``<boi>``
+        position):
+
+        * ``eoi_token_id``: the token after the ``H x W`` image tokens must be this id (unless the
+          sequence ends first), and no ``<eoi>`` or ``<boi>`` may come inside them;
+        * ``image_token_ids``: the ids of image codes, a ``range`` (Chameleon/Anole:
+          ``range(4, 8196)``) or a collection of ids; every token of the grid must be one, and the
+          token after the grid must not be one.
         """
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -223,14 +314,21 @@ class ImageLayout:
         if height <= 0 or width <= 0:
             raise ValueError(f"grid must be positive, got {grid!r}")
         boi_token_id = _check_int("boi_token_id", boi_token_id, "from_token_ids")
+        if eoi_token_id is not None:
+            eoi_token_id = _check_int("eoi_token_id", eoi_token_id, "from_token_ids")
         batch_size, seq_len = input_ids.shape
         size = height * width
         marks = (input_ids == boi_token_id).nonzero().tolist()  # one host sync per batch
+        check = None
+        if eoi_token_id is not None or image_token_ids is not None:
+            check = _GridCheck(input_ids, (height, width), boi_token_id, eoi_token_id, image_token_ids)
         spans = []
         busy_until = [-1] * batch_size  # positions < busy_until[b] belong to an earlier image
         for b, pos in marks:
             if pos < busy_until[b]:
                 continue
+            if check is not None:
+                check(b, pos)
             start = pos + 1 if routing == "input" else pos
             length = min(size, seq_len - start)
             busy_until[b] = pos + 1 + size
@@ -283,6 +381,8 @@ class ImageLayout:
         self._image_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
         self._image_positions = torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64)
         self._text_rows = (~is_image).nonzero().flatten()
+        # A plain int, computed once: ``torch.compile`` traces ``state=`` calls that read it.
+        self._max_width = max([s.width for s in self.spans] + [0])
         self._conv_tables: dict = {}
         self.prepare("cpu")
 
@@ -296,7 +396,8 @@ class ImageLayout:
 
     @property
     def max_width(self) -> int:
-        return max((s.width for s in self.spans), default=0)
+        """The widest image's width (0 without images): what a state's ring must hold."""
+        return self._max_width
 
     def _segment_arrays(self):
         """Per image token: its segment's height, width, offset, end and first local index."""
@@ -380,6 +481,9 @@ class ImageLayout:
             base = seg.batch * capacity
             if seg.offset > 0:
                 p = torch.arange(seg.offset, min(seg.offset + L, seg.end), dtype=torch.int64)
+                # Only a slot some earlier token of this image wrote is read: the ring may hold
+                # anything else (what an earlier image, finished or left, had pending).
+                p = p[first_contributor(p, k, seg.width) < seg.offset]
                 read_tokens.append(seg.first_local + p - seg.offset)
                 read_slots.append(base + p % L)
             if last_in_row[seg.batch] is seg and not seg.complete:
@@ -389,7 +493,7 @@ class ImageLayout:
                 ok = (qi >= di) & (qj >= dj) & (src >= seg.offset) & (src < seg.end)
                 write_sources.append(torch.where(ok, seg.first_local + src - seg.offset, torch.full_like(src, -1)))
                 write_slots.append(base + q % L)
-                write_keep.append((q < seg.offset + L) & (seg.offset > 0))
+                write_keep.append(first_contributor(q, k, seg.width) < seg.offset)
 
         def cat(parts, shape_tail=(), dtype=torch.int64):
             if parts:

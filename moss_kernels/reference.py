@@ -48,7 +48,7 @@ def literal_moss_lora(
         rows = layout.index(x.device).text_rows
         xt = flat[rows]
         delta = delta.index_put((rows,), scale * (xt @ text_a.to(x.dtype).t()) @ text_b.to(x.dtype).t())
-    if image_weight is not None and layout.num_image_tokens:
+    if image_weight is not None and layout.num_image_tokens and image_weight.shape[0] > 0:  # rank 0: adds zero
         k = image_weight.shape[-1]
         w = image_weight.to(x.dtype)
         rows_all = layout.index(x.device).image_rows
@@ -79,23 +79,28 @@ def stacked_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _gather_taps(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[t, tap] = rows[index[t, tap]]`` (zero where ``index == -1``): ``(n, k*k, r)``."""
+    """``out[t, tap] = rows[index[t, tap]]`` (zero where ``index == -1``): ``(n, k*k, r)``.
+
+    Masked taps are selected away (``where``), never multiplied by zero: ``0 * inf`` is NaN, and a
+    padding tap reads some unrelated row (another sequence's) that may hold one.
+    """
     picked = rows.index_select(0, index.clamp(min=0).flatten()).view(*index.shape, rows.shape[1])
-    return picked * (index >= 0).unsqueeze(2).to(rows.dtype)
+    return torch.where((index >= 0).unsqueeze(2), picked, picked.new_zeros(()))
 
 
 def _shift_sum(per_tap: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_tap per_tap[index[t, tap], tap]`` with ``index == -1`` contributing zero.
+    """``out[t] = sum_tap per_tap[index[t, tap], tap]`` with ``index == -1`` contributing nothing.
 
     ``per_tap``: ``(n, k*k, r)``. This is the masked ``r``-wide shift of SPEC §1.
     """
     n, kk, r = per_tap.shape
     out = per_tap.new_zeros(index.shape[0], r)
+    if n == 0:
+        return out
     for tap in range(kk):
         idx = index[:, tap]
-        valid = idx >= 0
-        rows = per_tap[:, tap].index_select(0, idx.clamp(min=0)) if n else per_tap.new_zeros(idx.shape[0], r)
-        out += rows * valid.unsqueeze(1).to(out.dtype)
+        rows = per_tap[:, tap].index_select(0, idx.clamp(min=0))
+        out += torch.where((idx >= 0).unsqueeze(1), rows, rows.new_zeros(()))
     return out
 
 
@@ -129,13 +134,13 @@ def forward(
     if image_weight is not None and image_rows.numel():
         r, _, k, _ = image_weight.shape
         xi = x.index_select(0, image_rows).to(cdt)
-        taps = (xi @ stacked_taps(image_weight, cdt).t()).view(-1, k * k, r)
+        taps = (xi @ stacked_taps(image_weight, cdt).t()).view(xi.shape[0], k * k, r)
         image_z = _shift_sum(taps, conv_sources)
         if state_index is not None:
             image_z.index_add_(0, state_index.read_tokens, pending.index_select(0, state_index.read_slots).to(cdt))
             left = _shift_sum(taps, state_index.write_sources)
             kept = pending.index_select(0, state_index.write_slots).to(cdt)
-            left += kept * state_index.write_keep.unsqueeze(1).to(cdt)
+            left += torch.where(state_index.write_keep.unsqueeze(1), kept, kept.new_zeros(()))
             pending.index_copy_(0, state_index.write_slots, left.to(pending.dtype))
         _add_rows(out, image_rows, scale * (image_z @ image_b.to(cdt).t()))
     return text_h, image_z
@@ -188,7 +193,7 @@ def backward(
             g = grad_out.index_select(0, image_rows).to(cdt)
             d_ib = scale * g.t() @ image_z
             dz = scale * g @ image_b.to(cdt)
-            d_taps = _gather_taps(dz, conv_targets).reshape(-1, k * k * r)
+            d_taps = _gather_taps(dz, conv_targets).reshape(dz.shape[0], k * k * r)
             xi = x.index_select(0, image_rows).to(cdt)
             d_w = (d_taps.t() @ xi).view(k, k, r, d_in).permute(2, 3, 0, 1)
             if needs_x:
@@ -217,36 +222,49 @@ def decode_step(
     update ``pending`` ``(batch, capacity, r)`` in place, with no host synchronisation.
 
     ``image_pos[b]`` is the raster index of sequence ``b``'s token in its ``height[b] x width[b]``
-    image, or ``-1`` for a text token. Slot ``p mod L`` is read (what earlier tokens left for
-    ``p``), then reset and given this token's own contribution to ``p + L``; the other taps add to
-    ``p + di*W + dj``.
+    image, or ``-1`` for a text token. Slot ``p mod L`` is read (what earlier tokens left for ``p``;
+    nothing at ``p = 0``), reset and given this token's own contribution to ``p + L``; the other taps
+    add to ``p + di*W + dj``, or write it where this token is the first to reach that position
+    (``layout.first_contributor``). So whatever an earlier image, finished or left before its end,
+    still had pending in the ring is never added to a new one. A row whose position lies
+    outside its image, or whose ring would not fit the state, changes nothing (the ops refuse such
+    input before any backend runs; this keeps every index in bounds regardless).
     """
     cdt = compute_dtype(x, text_a, image_weight)
     is_image = image_pos >= 0
     delta = torch.zeros(out.shape, dtype=cdt, device=out.device)
+    zero = delta.new_zeros(())
     if text_a is not None:
         h = x.to(cdt) @ text_a.to(cdt).t()
-        delta += (h @ text_b.to(cdt).t()) * (~is_image).unsqueeze(1)
+        delta += torch.where((~is_image).unsqueeze(1), h @ text_b.to(cdt).t(), zero)
     if image_weight is not None:
         r, _, k, _ = image_weight.shape
         batch, capacity = pending.shape[0], pending.shape[1]
         taps = (x.to(cdt) @ stacked_taps(image_weight, cdt).t()).view(batch, k * k, r)
         z = taps[:, k * k - 1].clone()  # tap (k-1, k-1): the token itself
+        H, W = height.clamp(min=1), width.clamp(min=1)
+        p = image_pos.clamp(min=0)
+        valid = is_image & (height >= 1) & (width >= 1) & (p // W < H)
         if k > 1:
-            p = image_pos.clamp(min=0)
-            W = width.clamp(min=1)
-            L = (k - 1) * (W + 1)
+            valid &= W <= capacity // (k - 1) - 1  # (k-1)(W+1) <= capacity, without overflow
+        if k > 1 and capacity > 0:
+            L = (k - 1) * (torch.where(valid, W, 0) + 1)
             i, j = p // W, p % W
             rows = torch.arange(batch, device=x.device)
-            own = rows * capacity + p % L
+            own = rows * capacity + torch.where(valid, p % L, 0)
             flat = pending.view(batch * capacity, r)
-            z += flat.index_select(0, own).to(cdt) * is_image.unsqueeze(1)
-            keep = (~is_image).unsqueeze(1).to(flat.dtype)  # text rows leave the ring alone
-            flat.index_copy_(0, own, flat.index_select(0, own) * keep)
+            mine = flat.index_select(0, own)
+            # Token 0 has no earlier contributor: its slot holds an earlier image's leftovers, if anything.
+            z += torch.where((valid & (p > 0)).unsqueeze(1), mine.to(cdt), zero)
+            flat.index_copy_(0, own, torch.where(valid.unsqueeze(1), mine.new_zeros(()), mine))  # text: unchanged
             for tap in range(k * k - 1):
                 di, dj = k - 1 - tap // k, k - 1 - tap % k
-                ok = is_image & (i + di < height) & (j + dj < W)
-                slot = rows * capacity + (p + di * W + dj) % L
-                flat.index_add_(0, slot, (taps[:, tap] * ok.unsqueeze(1)).to(flat.dtype))
-        delta += (z @ image_b.to(cdt).t()) * is_image.unsqueeze(1)
+                ok = valid & (i < H - di) & (j + dj < W)  # i + di < H without overflow
+                slot = rows * capacity + torch.where(ok, (p % L + di * W + dj) % L, 0)
+                # The target's earliest contributor (layout.first_contributor) writes, later ones add.
+                first = ok & ((i == 0) | (di == k - 1)) & ((j == 0) | (dj == k - 1))
+                old = flat.index_select(0, slot)
+                new = torch.where(first.unsqueeze(1), taps[:, tap], old.to(cdt) + taps[:, tap])
+                flat.index_copy_(0, slot, torch.where(ok.unsqueeze(1), new.to(flat.dtype), old))
+        delta += torch.where(valid.unsqueeze(1), z @ image_b.to(cdt).t(), zero)
     out.copy_((out.to(cdt) + scale * delta).to(out.dtype))

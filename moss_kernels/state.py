@@ -4,6 +4,15 @@ Per sequence, a ring of ``L = (k-1)(W+1)`` pending ``r``-wide sums (``ring_size`
 ``p mod L`` holds the sum of the taps of earlier tokens that land on image token ``p``. Nothing
 ``d_in``-wide is cached. ``pending`` is float32 by default, whatever the activations' dtype.
 
+When pending sums are discarded: when a new image starts in a sequence (an image token at raster
+index 0: a span with ``offset = 0`` in ``moss_lora(state=)``, ``image_pos = 0`` in
+``moss_lora_step``), whatever an earlier image left in the ring (an image that was finished, or left
+before its end) is never added to the new one. No reset is needed between images, and none is done:
+a slot is read, or its sum kept, only once a token of the same image wrote it (its earliest
+contributor writes rather than adds, ``layout.first_contributor``), so leftovers, even NaN, are
+inert. Until a new image starts, an image that was left (text tokens followed) stays pending and can
+be continued at its next raster index. ``reset`` forgets everything explicitly.
+
 The host keeps, per sequence, which image it is in and the next token it expects, so that a chunk
 that continues an image is checked against it (no device synchronisation). The graph-capturable
 decode step (``moss_lora_step``) takes positions as device tensors instead and leaves that record

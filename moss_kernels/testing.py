@@ -15,7 +15,7 @@ from .reference import literal_moss_lora
 
 __all__ = ["TOLERANCE", "assert_close_rel", "ground_truth", "random_adapters", "random_layout", "rel_err"]
 
-# SPEC §4: relative error against the float64 ground truth.
+# README, "Backends": relative error against the float64 ground truth.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 
 

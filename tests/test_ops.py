@@ -221,9 +221,9 @@ def test_step_bad_input():
         mk.moss_lora_step(x, ta, tb, w, ib, 1.0, None, **good)
     with pytest.raises(ValueError, match="does not fit"):
         mk.moss_lora_step(x, ta, tb, w, ib, 1.0, mk.ConvLoRAState(3, 3), **good)
-    with pytest.raises(ValueError, match=r"image_pos\[0\] = 0 of a 2x3 image: .* capacity 2 is below"):
+    with pytest.raises(ValueError, match=r"width\[0\] = 3: the state's capacity 2 is below"):
         mk.moss_lora_step(x, ta, tb, w, ib, 1.0, mk.ConvLoRAState(2, 3, max_width=1),
                           image_pos=torch.tensor([0, -1]), height=torch.tensor([2, 1]), width=torch.tensor([3, 1]))
-    with pytest.raises(ValueError, match=r"image_pos\[0\] = 4 of a 2x2 image: beyond the image"):
+    with pytest.raises(ValueError, match=r"image_pos\[0\] = 4 is beyond the 2x2 image"):
         mk.moss_lora_step(x, ta, tb, w, ib, 1.0, st, image_pos=torch.tensor([4, -1]), height=torch.tensor([2, 1]),
                           width=torch.tensor([2, 1]))

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["INTERPRETED", "autotune", "dot_dtype", "dummy", "expand_into", "mma", "pow2", "shrink_tap"]
+__all__ = ["INTERPRETED", "autotune", "dot_dtype", "dummy", "expand_into", "mma", "pow2", "rank_dot", "shrink_tap"]
 
 # Fixed when the kernels are decorated: ``triton.jit`` builds interpreter functions only if the variable
 # is set at that moment, so the backend must know which kind it holds.
@@ -23,11 +23,13 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 def dot_dtype(*inputs: torch.Tensor):
     """The dtype the MMA operands are rounded to: the half dtype every *input* shares, else float32.
 
-    Pass only tensors the user gave (``x``, weights, ``grad_out``); the float32 intermediates (``h``,
-    ``z``, ``dz``) follow the inputs (rounded to half for the tensor cores, as LoRA kernels do).
-    Mixed inputs (bf16 ``x``, float32 weights) and float32 use exact float32 products (``ieee``, not tf32,
+    This is the package's one mixed-dtype policy (README "dtypes", ``moss_lora``): pass every tensor
+    the user gave that takes part in the call (``x``, *all* weights of the adapter, ``grad_out``), the
+    same tuple for every launch of one adapter, never a subset. Mixed inputs (bf16 ``x``, float32
+    weights; float32 ``x``, half weights) and float32 use exact float32 products (``ieee``, not tf32,
     so float32 meets SPEC's 1e-5). The interpreter's bf16 ``dot`` is wrong, so there bf16 computes in
-    float32.
+    float32. Products with a float32 intermediate operand (``h``, ``z``, ``dz``) go through
+    ``rank_dot``.
     """
     kinds = {t.dtype for t in inputs}
     if len(kinds) == 1:
@@ -35,6 +37,17 @@ def dot_dtype(*inputs: torch.Tensor):
         if kind == torch.float16 or (kind == torch.bfloat16 and not INTERPRETED):
             return _TL[kind]
     return tl.float32
+
+
+def rank_dot(dot):
+    """The MMA dtype of a product whose operand is a float32 rank-space intermediate (``h``, ``z``,
+    ``dz``), given the call's ``dot_dtype``: float16 would overflow at 65504 (rank-space sums of
+    float16 inputs exceed it long before the outputs do), so those products round to bfloat16, whose
+    range is float32's (the float16 weight they multiply is rounded to bfloat16 too: 2^-9 relative,
+    within SPEC's 1e-2). Under the interpreter, whose bf16 ``dot`` is wrong, float32."""
+    if dot == tl.float16:
+        return tl.float32 if INTERPRETED else tl.bfloat16
+    return dot
 
 
 def pow2(n: int, lo: int = 16) -> int:
@@ -47,10 +60,23 @@ def dummy(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(1)
 
 
+# Timing-based autotuning picks configs by the clock, so two processes could pick different block
+# sizes and reduce in different orders: results would be reproducible only within one process. By
+# default each kernel therefore runs one pinned config (the first of its list, chosen from ptxas
+# reports); MOSS_TRITON_AUTOTUNE=1 opts in to tuning over the whole list, for speed, at the price of
+# bits that may differ between processes.
+AUTOTUNE = os.environ.get("MOSS_TRITON_AUTOTUNE", "0") not in ("", "0")
+
+
 def autotune(configs, key, interpreter_config, **kwargs):
-    """``triton.autotune`` over ``configs`` on a GPU; exactly ``interpreter_config`` under the interpreter
-    (benchmarking configs there would cost minutes and measure nothing)."""
-    return triton.autotune(configs=[interpreter_config] if INTERPRETED else configs, key=key, **kwargs)
+    """``triton.autotune`` with one pinned config on a GPU (``configs[0]``; all of ``configs`` with
+    ``MOSS_TRITON_AUTOTUNE=1``), exactly ``interpreter_config`` under the interpreter (benchmarking
+    configs there would cost minutes and measure nothing). A pinned config keeps every reduction's
+    order fixed by the shapes alone: the same bits in every process."""
+    chosen = [interpreter_config] if INTERPRETED else (configs if AUTOTUNE else configs[:1])
+    if not AUTOTUNE:
+        kwargs.pop("prune_configs_by", None)  # one config: nothing to prune, nothing timed
+    return triton.autotune(configs=chosen, key=key, **kwargs)
 
 
 @triton.jit

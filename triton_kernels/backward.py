@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, dot_dtype, dummy, mma
+from ._common import autotune, dot_dtype, dummy, mma, rank_dot
 from .forward import expand, project, stacked
 
 __all__ = ["backward", "tn_kernel"]
@@ -80,7 +80,8 @@ def _tn(left, right, c, alpha, *, lidx=None, ridx=None, taps=1, tap_stride=0, do
     """Launch ``tn_kernel`` into ``c`` viewed as ``(taps, A, B)`` with tap stride ``tap_stride``.
 
     ``left``: ``(n_l, A)``, ``right``: ``(n_r, B)``; ``lidx``: ``(M, taps)`` or ``(M,)`` int64 rows of
-    ``left``; ``ridx``: ``(M,)`` rows of ``right``. ``M`` is the number of tokens summed over."""
+    ``left``; ``ridx``: ``(M,)`` rows of ``right``. ``M`` is the number of tokens summed over. One
+    operand is always a float32 intermediate (``z``, ``dz``), hence ``rank_dot``."""
     M = (lidx if lidx is not None else left).shape[0]
     A, B = left.shape[1], right.shape[1]
     li = lidx if lidx is not None else dummy(left).long()
@@ -89,7 +90,7 @@ def _tn(left, right, c, alpha, *, lidx=None, ridx=None, taps=1, tap_stride=0, do
         right, right.stride(0), right.stride(1), ridx if ridx is not None else dummy(left).long(),
         c, tap_stride, c.stride(0), c.stride(1),
         M, A, B, float(alpha),
-        L_IDX=lidx is not None, R_IDX=ridx is not None, DOT=dot_dtype(*dot_inputs),
+        L_IDX=lidx is not None, R_IDX=ridx is not None, DOT=rank_dot(dot_dtype(*dot_inputs)),
     )
 
 
@@ -100,12 +101,13 @@ def _modality(grad_out, x, rows, targets, a3, b, saved, scale, dx, d_a, d_a_tap_
     Writes ``d_b`` ``(d_out, r)``, ``d_a`` (an ``(r, d_in)`` view, taps ``d_a_tap_stride`` apart) and,
     when ``dx`` is given, ``dx[rows]``."""
     taps = a3.shape[0]
+    ins = (grad_out, x, a3, b)  # one MMA dtype for every product of the adapter (dot_dtype)
     # dz = scale * g B: B^T is the weight of a one-tap projection of grad_out's rows.
-    dz = project(grad_out, rows, b.t().unsqueeze(0), alpha=scale, dot_inputs=(grad_out, b))
-    _tn(grad_out, saved, d_b, scale, lidx=rows, dot_inputs=(grad_out,))
-    _tn(dz, x, d_a, 1.0, lidx=targets, ridx=rows, taps=taps, tap_stride=d_a_tap_stride, dot_inputs=(x,))
+    dz = project(grad_out, rows, b.t().unsqueeze(0), alpha=scale, dot_inputs=ins)
+    _tn(grad_out, saved, d_b, scale, lidx=rows, dot_inputs=ins)
+    _tn(dz, x, d_a, 1.0, lidx=targets, ridx=rows, taps=taps, tap_stride=d_a_tap_stride, dot_inputs=ins)
     if dx is not None:
-        expand(dz, rows, a3.transpose(1, 2), dx, 1.0, targets=targets, accumulate=False, dot_inputs=(a3,))
+        expand(dz, rows, a3.transpose(1, 2), dx, 1.0, targets=targets, accumulate=False, dot_inputs=ins)
 
 
 def backward(grad_out, x, text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b, text_h,

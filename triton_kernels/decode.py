@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, dot_dtype, dummy, mma, pow2, shrink_tap
+from ._common import autotune, dot_dtype, dummy, mma, pow2, rank_dot, shrink_tap
 from .forward import stacked
 
 __all__ = ["BLOCK_B", "ONE_LAUNCH_MAX_R", "SPLIT_BATCH_MAX", "decode_expand_kernel", "decode_kernel",
@@ -46,39 +46,50 @@ def _text_rank(row, is_txt, x_ptr, stride_xm, stride_xk, ta_ptr, stride_tar, str
 
 @triton.jit
 def _image_rank(row, bmask, pos, is_img, x_ptr, stride_xm, stride_xk, w_ptr, stride_wt, stride_wr, stride_wk,
-                ri, rim, pend_ptr, stride_pb, stride_ps, stride_pr, height_ptr, width_ptr, K,
+                ri, rim, pend_ptr, stride_pb, stride_ps, stride_pr, height_ptr, width_ptr, capacity, K,
                 KS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_RI: tl.constexpr, BLOCK_K: tl.constexpr,
                 DOT: tl.constexpr):
     """``z`` of the image rows of the block for rank columns ``ri``, and those columns of their rings
-    updated (steps 1-2 of the module docstring); programs with disjoint ``ri`` never share a slot."""
+    updated (steps 1-2 of the module docstring); programs with disjoint ``ri`` never share a slot.
+
+    A row whose position lies outside its image, or whose ring exceeds ``capacity`` slots, reads and
+    writes nothing (``z = 0``): the ops refuse such input first, this keeps every access in bounds."""
     z = tl.zeros((BLOCK_B, BLOCK_RI), tl.float32)
-    if tl.sum(is_img.to(tl.int32)) > 0:
+    H = tl.load(height_ptr + row, mask=bmask, other=1)
+    W = tl.maximum(tl.load(width_ptr + row, mask=bmask, other=1), 1)
+    p = tl.maximum(pos, 0)
+    valid = is_img & (H >= 1) & (tl.load(width_ptr + row, mask=bmask, other=1) >= 1) & (p // W < H)
+    if KS > 1:
+        valid = valid & (W <= capacity // (KS - 1) - 1)  # (k-1)(W+1) <= capacity, without overflow
+    if tl.sum(valid.to(tl.int32)) > 0:
         if KS > 1:
-            p = tl.maximum(pos, 0)
-            W = tl.maximum(tl.load(width_ptr + row, mask=bmask, other=1), 1)
-            H = tl.load(height_ptr + row, mask=bmask, other=1)
-            L = (KS - 1) * (W + 1)
+            L = (KS - 1) * (tl.where(valid, W, 0) + 1)
             i = p // W
             j = p % W
             ring = pend_ptr + row[:, None] * stride_pb + ri[None, :] * stride_pr
-            own = is_img[:, None] & rim[None, :]
-            z = tl.load(ring + (p % L)[:, None] * stride_ps, mask=own, other=0.0).to(tl.float32)
+            own = valid[:, None] & rim[None, :]
+            # Token 0 has no earlier contributor: its slot may hold an earlier image's leftovers.
+            z = tl.load(ring + (p % L)[:, None] * stride_ps, mask=own & (p > 0)[:, None], other=0.0).to(tl.float32)
+            # The tap-0 store below rewrites the slot just read, from other threads of the program: order them.
+            tl.debug_barrier()
         for t in tl.static_range(KS * KS):
-            P = shrink_tap(tl.zeros((BLOCK_B, BLOCK_RI), tl.float32), x_ptr, row, is_img, stride_xm, stride_xk,
+            P = shrink_tap(tl.zeros((BLOCK_B, BLOCK_RI), tl.float32), x_ptr, row, valid, stride_xm, stride_xk,
                            w_ptr + t * stride_wt, stride_wr, stride_wk, ri, rim, K, BLOCK_K, DOT)
             if t == KS * KS - 1:
                 z += P
             else:
                 di = KS - 1 - t // KS
                 dj = KS - 1 - t % KS
-                ok = is_img & (i + di < H) & (j + dj < W)
-                ptrs = ring + ((p + di * W + dj) % L)[:, None] * stride_ps
+                ok = valid & (i < H - di) & (j + dj < W)
+                ptrs = ring + ((p % L + di * W + dj) % L)[:, None] * stride_ps
                 if t == 0:
                     # Slot p mod L itself: its old sum is in z now; it restarts with this tap (or zero).
                     tl.store(ptrs, tl.where(ok[:, None], P, 0.0).to(pend_ptr.dtype.element_ty), mask=own)
                 else:
+                    # The target's earliest contributor (layout.first_contributor) writes, later ones add.
+                    first = ((i == 0) | (i * 0 + di == KS - 1)) & ((j == 0) | (j * 0 + dj == KS - 1))
                     m2 = ok[:, None] & rim[None, :]
-                    old = tl.load(ptrs, mask=m2, other=0.0).to(tl.float32)
+                    old = tl.load(ptrs, mask=m2 & ~first[:, None], other=0.0).to(tl.float32)
                     tl.store(ptrs, (old + P).to(pend_ptr.dtype.element_ty), mask=m2)
     return z
 
@@ -119,7 +130,7 @@ _DECODE_CONFIGS = [
 
 @autotune(_DECODE_CONFIGS, key=["K", "RT", "RI", "N", "HAS_TEXT", "HAS_IMAGE", "KS"],
           interpreter_config=triton.Config({"BLOCK_K": 32, "BLOCK_N": 32}), restore_value=["out_ptr", "pend_ptr"])
-@triton.jit(do_not_specialize=["batch"])
+@triton.jit(do_not_specialize=["batch", "capacity"])
 def decode_kernel(
     x_ptr, stride_xm, stride_xk,
     ta_ptr, stride_tar, stride_tak, tb_ptr, stride_tbn, stride_tbr,  # text A (RT, K), B (N, RT)
@@ -127,7 +138,7 @@ def decode_kernel(
     out_ptr, stride_om, stride_on,
     pend_ptr, stride_pb, stride_ps, stride_pr,  # (batch, capacity, RI) pending ring
     pos_ptr, height_ptr, width_ptr,  # (batch,) int64
-    batch, K, RT, RI, N, scale,
+    batch, capacity, K, RT, RI, N, scale,
     HAS_TEXT: tl.constexpr, HAS_IMAGE: tl.constexpr, KS: tl.constexpr,
     DOT_T: tl.constexpr, DOT_TB: tl.constexpr, DOT_I: tl.constexpr, DOT_IB: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_RT: tl.constexpr, BLOCK_RI: tl.constexpr,
@@ -149,7 +160,7 @@ def decode_kernel(
                        K, BLOCK_B, BLOCK_RT, BLOCK_K, DOT_T)
     if HAS_IMAGE:
         z = _image_rank(row, bmask, pos, is_img, x_ptr, stride_xm, stride_xk, w_ptr, stride_wt, stride_wr, stride_wk,
-                        ri, rim, pend_ptr, stride_pb, stride_ps, stride_pr, height_ptr, width_ptr, K,
+                        ri, rim, pend_ptr, stride_pb, stride_ps, stride_pr, height_ptr, width_ptr, capacity, K,
                         KS, BLOCK_B, BLOCK_RI, BLOCK_K, DOT_I)
     _expand_rows(h, rt, rtm, tb_ptr, stride_tbn, stride_tbr, z, ri, rim, ib_ptr, stride_ibn, stride_ibr,
                  out_ptr, row, bmask, stride_om, stride_on, 0, N, N, scale,
@@ -160,7 +171,7 @@ def decode_kernel(
                                                                                       (512, 8, 3), (64, 4, 4)]],
           key=["K", "RT", "RI", "HAS_TEXT", "HAS_IMAGE", "KS"], interpreter_config=triton.Config({"BLOCK_K": 32}),
           restore_value=["pend_ptr"])
-@triton.jit(do_not_specialize=["batch"])
+@triton.jit(do_not_specialize=["batch", "capacity"])
 def decode_rank_kernel(
     x_ptr, stride_xm, stride_xk,
     ta_ptr, stride_tar, stride_tak,  # text A (RT, K)
@@ -168,7 +179,7 @@ def decode_rank_kernel(
     hz_ptr, stride_hz,  # (batch, RT + RI) float32: [h | z]
     pend_ptr, stride_pb, stride_ps, stride_pr,
     pos_ptr, height_ptr, width_ptr,
-    batch, K, RT, RI, NT_TILES,
+    batch, capacity, K, RT, RI, NT_TILES,
     HAS_TEXT: tl.constexpr, HAS_IMAGE: tl.constexpr, KS: tl.constexpr, DOT_T: tl.constexpr, DOT_I: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -191,8 +202,8 @@ def decode_rank_kernel(
             ri = (tile - NT_TILES) * BLOCK_R + cr
             rim = ri < RI
             z = _image_rank(row, bmask, pos, pos >= 0, x_ptr, stride_xm, stride_xk, w_ptr, stride_wt, stride_wr,
-                            stride_wk, ri, rim, pend_ptr, stride_pb, stride_ps, stride_pr, height_ptr, width_ptr, K,
-                            KS, BLOCK_B, BLOCK_R, BLOCK_K, DOT_I)
+                            stride_wk, ri, rim, pend_ptr, stride_pb, stride_ps, stride_pr, height_ptr, width_ptr,
+                            capacity, K, KS, BLOCK_B, BLOCK_R, BLOCK_K, DOT_I)
             tl.store(hz_ptr + row[:, None] * stride_hz + RT + ri[None, :], z, mask=bmask[:, None] & rim[None, :])
 
 
@@ -238,8 +249,11 @@ def decode_step(x, out, text_a, text_b, image_weight, image_b, scale, pending, i
     w, ib = (stacked(image_weight, copy=False), image_b) if has_image else (dummy(x).view(1, 1, 1), dummy(x).view(1, 1))
     rt, ri = ta.shape[0] if has_text else 0, w.shape[1] if has_image else 0
     pend = pending if k > 1 and pending.numel() else dummy(x).float().view(1, 1, 1)
+    capacity = pending.shape[1] if k > 1 and pending.numel() else 0
     flags = dict(HAS_TEXT=has_text, HAS_IMAGE=has_image)
-    dots = dict(DOT_TB=dot_dtype(x, tb), DOT_IB=dot_dtype(x, ib))
+    # One MMA dtype per adapter from all its tensors (dot_dtype); h and z are intermediates (rank_dot).
+    dot_t, dot_i = dot_dtype(x, ta, tb), dot_dtype(x, w, ib)
+    dots = dict(DOT_TB=rank_dot(dot_t), DOT_IB=rank_dot(dot_i))
     blocks = triton.cdiv(batch, BLOCK_B)
     x_args = (x, x.stride(0), x.stride(1), ta, ta.stride(0), ta.stride(1))
     w_args = (w, w.stride(0), w.stride(1), w.stride(2))
@@ -249,16 +263,16 @@ def decode_step(x, out, text_a, text_b, image_weight, image_b, scale, pending, i
     if batch > SPLIT_BATCH_MAX and max(pow2(rt), pow2(ri)) <= ONE_LAUNCH_MAX_R:
         decode_kernel[(blocks,)](
             *x_args, tb, tb.stride(0), tb.stride(1), *w_args, ib, ib.stride(0), ib.stride(1),
-            out, out.stride(0), out.stride(1), *ring, batch, d_in, rt, ri, n_out, float(scale),
-            KS=k, DOT_T=dot_dtype(x, ta), DOT_I=dot_dtype(x, w), BLOCK_B=BLOCK_B, BLOCK_RT=pow2(rt), BLOCK_RI=pow2(ri),
+            out, out.stride(0), out.stride(1), *ring, batch, capacity, d_in, rt, ri, n_out, float(scale),
+            KS=k, DOT_T=dot_t, DOT_I=dot_i, BLOCK_B=BLOCK_B, BLOCK_RT=pow2(rt), BLOCK_RI=pow2(ri),
             **flags, **dots,
         )
         return
     nt = triton.cdiv(rt, SPLIT_BLOCK_R)
     hz = torch.empty(batch, rt + ri, dtype=torch.float32, device=x.device)
     decode_rank_kernel[(blocks, nt + triton.cdiv(ri, SPLIT_BLOCK_R))](
-        *x_args, *w_args, hz, hz.stride(0), *ring, batch, d_in, rt, ri, nt,
-        KS=k, DOT_T=dot_dtype(x, ta), DOT_I=dot_dtype(x, w), BLOCK_B=BLOCK_B, BLOCK_R=SPLIT_BLOCK_R, **flags,
+        *x_args, *w_args, hz, hz.stride(0), *ring, batch, capacity, d_in, rt, ri, nt,
+        KS=k, DOT_T=dot_t, DOT_I=dot_i, BLOCK_B=BLOCK_B, BLOCK_R=SPLIT_BLOCK_R, **flags,
     )
     decode_expand_kernel[lambda meta: (blocks, triton.cdiv(n_out, meta["BLOCK_N"]))](
         hz, hz.stride(0), *b_args, out, out.stride(0), out.stride(1), batch, rt, ri, n_out, float(scale),

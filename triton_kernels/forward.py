@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune, dot_dtype, dummy, expand_into, mma, pow2, shrink_tap
+from ._common import autotune, dot_dtype, dummy, expand_into, mma, pow2, rank_dot, shrink_tap
 
 __all__ = ["FUSE_MAX_R", "SPLIT_BLOCK_R", "expand", "expand_kernel", "forward", "project", "rank_kernel", "stacked"]
 
@@ -167,7 +167,7 @@ def project(
         store: ``(dest, index or None)``: the result goes to ``dest[index[m]]`` (cast to its dtype)
             instead of a new float32 ``(M, r)`` tensor.
         expand_to: ``(out (rows, N), b (N, r), scale)``: also ``out[rows[m]] += scale * h B^T``.
-        dot_inputs: the user tensors whose dtypes choose the MMA dtype (see ``dot_dtype``).
+        dot_inputs: every user tensor of the call (``x``, all the adapter's weights; see ``dot_dtype``).
     Returns the new ``(M, r)`` float32 ``h``, or ``None`` with ``store``.
     """
     taps, R, K = weight.shape
@@ -182,7 +182,7 @@ def project(
     if fuse:
         out, b, scale = expand_to
         b_args = (b, b.stride(0), b.stride(1), out, out.stride(0), out.stride(1))
-        n_out, dot_out = out.shape[1], dot_dtype(*dot_inputs[:1], b)
+        n_out, dot_out = out.shape[1], rank_dot(dot_dtype(*dot_inputs))
     else:
         b_args = (dummy(x), 0, 0, dummy(x), 0, 0)
         n_out, dot_out, scale = 0, dot_dtype(), 1.0
@@ -198,7 +198,7 @@ def project(
     )
     if expand_to is not None and not fuse:
         out, b, scale = expand_to
-        expand(h, rows, b.unsqueeze(0), out, scale, accumulate=True, dot_inputs=(b,))
+        expand(h, rows, b.unsqueeze(0), out, scale, accumulate=True, dot_inputs=dot_inputs)
     return h
 
 
@@ -210,6 +210,7 @@ def expand(
 
     ``h``: ``(n_h, r)`` float32, contiguous. ``mat``: ``(taps, N, r)`` (any strides). ``targets``:
     ``(M, taps)`` int64 rows of ``h`` per tap (``-1``: none); without it token ``m`` reads ``h[m]``.
+    ``dot_inputs``: every user tensor of the call (``h`` is an intermediate: ``rank_dot``).
     """
     taps, N, R = mat.shape
     M = rows.numel()
@@ -218,7 +219,7 @@ def expand(
         h, h.stride(0), tg, taps if targets is None else targets.stride(0),
         mat, mat.stride(0), mat.stride(1), mat.stride(2), rows, out, out.stride(0), out.stride(1),
         M, N, R, float(alpha),
-        TAPS=taps, GATHER=targets is not None, ACCUMULATE=accumulate, DOT=dot_dtype(*dot_inputs),
+        TAPS=taps, GATHER=targets is not None, ACCUMULATE=accumulate, DOT=rank_dot(dot_dtype(*dot_inputs)),
     )
 
 
@@ -242,7 +243,7 @@ def forward(x, out, text_rows, image_rows, conv_sources, text_a, text_b, image_w
     text_h = image_z = None
     if text_a is not None and text_rows.numel():
         text_h = project(x, text_rows, text_a.unsqueeze(0), expand_to=(out, text_b, scale),
-                         dot_inputs=(x, text_a))
+                         dot_inputs=(x, text_a, text_b))
     if image_weight is not None and image_rows.numel():
         k = image_weight.shape[-1]
         w = stacked(image_weight)
@@ -255,11 +256,11 @@ def forward(x, out, text_rows, image_rows, conv_sources, text_a, text_b, image_w
             slot_of.index_copy_(0, state_index.read_tokens, state_index.read_slots)
             add = (pending, slot_of)
         image_z = project(x, image_rows, w, sources=sources, add=add, expand_to=(out, image_b, scale),
-                          dot_inputs=(x, image_weight))
+                          dot_inputs=(x, image_weight, image_b))
         if state_index is not None and state_index.write_slots.numel():
             # After the reads above (stream order): the same slots may be read and then rewritten.
             keep = torch.where(state_index.write_keep, state_index.write_slots, -1)
             project(x, image_rows, w, sources=state_index.write_sources, add=(pending, keep),
-                    store=(pending, state_index.write_slots), dot_inputs=(x, image_weight))
+                    store=(pending, state_index.write_slots), dot_inputs=(x, image_weight, image_b))
     return text_h, image_z
 

@@ -8,6 +8,7 @@
 #include "rows.h"
 #include "../include/moss_index.h"
 
+#include <algorithm>
 #include <vector>
 
 #ifndef MOSS_DECODE_BLAS_ROWS
@@ -103,7 +104,8 @@ static void lane_dot_impl(const at::Tensor& X, const at::Tensor& w, int64_t kk, 
   const float* xe = Xe.const_data_ptr<float>();
   MOSS_DISPATCH_FLOATS(w.scalar_type(), "moss_lane_dot", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    at::parallel_for(0, n_out, std::max<int64_t>(1, 32768 / (len * m)), [&](int64_t o0, int64_t o1) {
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, len * m));  // len * m may be 0
+    at::parallel_for(0, n_out, grain, [&](int64_t o0, int64_t o1) {
       std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : len);
       const auto row_dot = pick_row_dot<L>();
       for (int64_t o = o0; o < o1; ++o) {
@@ -147,7 +149,7 @@ static void lane_dot(const at::Tensor& X, const at::Tensor& weight, int64_t kk, 
   const at::Tensor Xc = X.contiguous(), wf = w.to(at::kFloat);
   const float* xp = Xc.const_data_ptr<float>();
   const float* wp = wf.const_data_ptr<float>();
-  at::parallel_for(0, n_out, 1, [&](int64_t o0, int64_t o1) {
+  at::parallel_for(0, n_out, row_grain(m * len), [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; ++o)
       for (int64_t b = 0; b < m; ++b)
         for (int64_t tap = 0; tap < kk; ++tap) {
@@ -184,10 +186,11 @@ void decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_a,
   const int64_t r = image_weight.size(0), k = image_weight.size(2), kk = k * k;
   const int64_t n = static_cast<int64_t>(img.size()), capacity = pending.size(1);
   for (int64_t b : img) {
-    TORCH_CHECK_VALUE(pos[b] < hh[b] * ww[b] && ww[b] > 0,
+    // Overflow-free forms of p < H * W and (k-1)(W+1) <= capacity.
+    TORCH_CHECK_VALUE(ww[b] > 0 && hh[b] > 0 && pos[b] / ww[b] < hh[b],
                       "moss_lora_step: image_pos[", b, "] = ", pos[b], " is beyond the ", hh[b], "x", ww[b], " image");
-    TORCH_CHECK_VALUE(ring_size(k, ww[b]) <= capacity, "moss_lora_step: pending capacity ", capacity,
-                      " is below the ", ring_size(k, ww[b]), " slots a width-", ww[b], " image needs (row ", b, ")");
+    TORCH_CHECK_VALUE(k == 1 || ww[b] <= capacity / (k - 1) - 1, "moss_lora_step: pending capacity ", capacity,
+                      " is below the slots a width-", ww[b], " image needs (row ", b, ")");
   }
   at::Tensor X = at::empty({n, d_in}, f32);
   gather_rows(x, img.data(), n, X.data_ptr<float>(), 1.0f);
@@ -199,7 +202,7 @@ void decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_a,
   MOSS_DISPATCH_FLOATS(pending.scalar_type(), "moss_decode_ring", [&] {
     scalar_t* ring = pending.data_ptr<scalar_t>();
     // Rows own disjoint rings: parallel over rows, sequential read -> reset -> add within one.
-    at::parallel_for(0, n, 1, [&](int64_t b0, int64_t e0) {
+    at::parallel_for(0, n, row_grain(kk * r), [&](int64_t b0, int64_t e0) {
       for (int64_t i = b0; i < e0; ++i) {
         const int64_t b = img[i], p = pos[b];
         const float* taps = tp + i * kk * r;
@@ -209,16 +212,19 @@ void decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_a,
         if (own < 0) continue;
         scalar_t* row = ring + b * capacity * r;
         scalar_t* mine = row + own * r;
-        for (int64_t c = 0; c < r; ++c) {
-          z[c] += static_cast<float>(mine[c]);
-          mine[c] = scalar_t(0);
-        }
+        if (p > 0)  // token 0 has no earlier contributor: its slot may hold an earlier image's leftovers
+          for (int64_t c = 0; c < r; ++c) z[c] += static_cast<float>(mine[c]);
+        std::fill(mine, mine + r, scalar_t(0));
         for (int64_t tap = 0; tap + 1 < kk; ++tap) {
           const int64_t slot = decode_target_slot(k, tap, p, hh[b], ww[b]);
           if (slot < 0) continue;
           scalar_t* dst = row + slot * r;
           const float* src = taps + tap * r;
-          for (int64_t c = 0; c < r; ++c) dst[c] = static_cast<scalar_t>(static_cast<float>(dst[c]) + src[c]);
+          if (decode_first_writer(k, tap, p, ww[b])) {
+            for (int64_t c = 0; c < r; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+          } else {
+            for (int64_t c = 0; c < r; ++c) dst[c] = static_cast<scalar_t>(static_cast<float>(dst[c]) + src[c]);
+          }
         }
       }
     });

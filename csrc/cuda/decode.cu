@@ -50,7 +50,7 @@ __device__ void up_add(const float* __restrict__ v, const T* __restrict__ w, int
 template <typename T, int K>
 __global__ void __launch_bounds__(THREADS) decode_kernel(DecodeArgs a) {
   constexpr int KK = K * K;
-  extern __shared__ float smem[];  // taps (KK * r) then z (r); text rows reuse it for h (r_text)
+  MOSS_DYNAMIC_SHARED(float, smem, 16);  // taps (KK * r) then z (r); text rows reuse it for h (r_text)
   const int64_t b = blockIdx.x;
   const T* x = static_cast<const T*>(a.x) + b * a.ldx;
   T* out = static_cast<T*>(a.out) + b * a.d_out;
@@ -64,7 +64,8 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(DecodeArgs a) {
   }
   if (a.image_weight == nullptr) return;
   const int64_t r = a.r, H = a.height[b], W = a.width[b];
-  if (W <= 0 || p >= H * W || ring_size(K, W) > a.capacity) return;  // never index past the ring
+  // Never index past the ring (overflow-free forms of p < H * W and (k-1)(W+1) <= capacity).
+  if (W <= 0 || H <= 0 || p / W >= H || (K > 1 && W > a.capacity / (K > 1 ? K - 1 : 1) - 1)) return;
   float* taps = smem;
   float* z = smem + KK * r;
   taps_gemv<T, KK>(x, static_cast<const T*>(a.image_weight), a.d_in, r, taps);
@@ -74,12 +75,14 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(DecodeArgs a) {
   for (int64_t c = threadIdx.x; c < r; c += THREADS) {
     float v = taps[(KK - 1) * r + c];
     if (own >= 0) {
-      v += ring[own * r + c];
+      if (p > 0) v += ring[own * r + c];  // token 0: the slot may hold an earlier image's leftovers
       ring[own * r + c] = 0.0f;
 #pragma unroll
       for (int tap = 0; tap < KK - 1; ++tap) {
         const int64_t slot = decode_target_slot(K, tap, p, H, W);
-        if (slot >= 0) ring[slot * r + c] += taps[tap * r + c];
+        if (slot < 0) continue;
+        const float t = taps[tap * r + c];
+        ring[slot * r + c] = decode_first_writer(K, tap, p, W) ? t : ring[slot * r + c] + t;
       }
     }
     z[c] = v;
@@ -91,7 +94,7 @@ __global__ void __launch_bounds__(THREADS) decode_kernel(DecodeArgs a) {
 template <typename T, int K>
 void launch(const DecodeArgs& a, cudaStream_t stream) {
   const int64_t floats = std::max<int64_t>(K * K * a.r + a.r, a.r_text);
-  decode_kernel<T, K><<<static_cast<unsigned>(a.batch), THREADS, floats * sizeof(float), stream>>>(a);
+  MOSS_LAUNCH(static_cast<unsigned>(a.batch), THREADS, floats * sizeof(float), stream, decode_kernel<T, K>)(a);
 }
 
 template <typename T>

@@ -31,8 +31,17 @@ MOSS_HD int64_t decode_target_slot(int64_t k, int64_t tap, int64_t p, int64_t he
   if (L <= 0) return -1;
   const int64_t di = tap_rows_back(k, tap), dj = tap_cols_back(k, tap);
   const int64_t i = p / width, j = p % width;
-  if (i + di >= height || j + dj >= width) return -1;
-  return (p + di * width + dj) % L;
+  if (i >= height - di || j + dj >= width) return -1;  // i + di >= height, without overflow
+  return (p % L + di * width + dj) % L;
+}
+
+// Decode step: whether token p is the first, in raster order, whose taps reach the token that tap
+// `tap` lands on (moss_kernels.layout.first_contributor). That token writes the slot instead of
+// adding to it, and token 0 reads nothing, so a ring never needs a reset between images: whatever
+// an earlier image (finished or left) still had pending is never added to a new one.
+MOSS_HD bool decode_first_writer(int64_t k, int64_t tap, int64_t p, int64_t width) {
+  const int64_t di = tap_rows_back(k, tap), dj = tap_cols_back(k, tap);
+  return (di == k - 1 || p / width == 0) && (dj == k - 1 || p % width == 0);
 }
 
 // Decode step: the ring slot token p reads (and resets), or -1 without a ring.
