@@ -129,6 +129,10 @@ def markdown(report: dict) -> str:
                          for i in impls]
                 lines.append(f"| {shape} | " + " | ".join(cells) + " |")
             lines.append("")
+    if report.get("mmfs"):  # the MMFS section (bench/mmfs.py)
+        from .mmfs import markdown as mmfs_markdown
+
+        lines += ["", *mmfs_markdown(report["mmfs"])]
     errors = [r for r in records if r["status"] != "ok"]
     if errors:
         lines += ["", "## Failures", ""]

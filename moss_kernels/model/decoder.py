@@ -72,9 +72,16 @@ class DecoderConfig:
     eos_token_id: Optional[int] = None
     tie_word_embeddings: bool = False
     gradient_checkpointing: bool = False
+    # MM-Interleaved's feature synchronizer every n-th layer (moss_kernels.mmfs.MMFSOptions or a dict of its
+    # fields); the forward then takes image_features=. None: no MMFS.
+    mmfs: Optional[object] = None
 
     def __post_init__(self):
         self.grid = tuple(int(g) for g in self.grid)
+        if isinstance(self.mmfs, dict):
+            from ..mmfs import MMFSOptions
+
+            self.mmfs = MMFSOptions(**self.mmfs)
         if len(self.grid) != 2 or min(self.grid) <= 0:
             raise ValueError(f"grid must be a positive (height, width) pair, got {self.grid!r}")
         for name in ("text_vocab_size", "image_vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -215,9 +222,15 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        if cfg.mmfs is not None and layer % cfg.mmfs.every == 0:  # between attention and MLP, gated
+            from ..mmfs import MMFSBlock
 
-    def forward(self, x, cos, sin, mask, cache=None):
+            self.mmfs = MMFSBlock(cfg.hidden_size, cfg.mmfs, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache=None, mmfs_inputs=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if mmfs_inputs is not None and hasattr(self, "mmfs"):
+            x = self.mmfs(x, *mmfs_inputs)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -258,6 +271,8 @@ class MossDecoder(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
         layout=None,
         cache: Optional[DecoderCache] = None,
+        image_features: Optional[torch.Tensor] = None,
+        image_visible: Optional[torch.Tensor] = None,
     ) -> DecoderOutput:
         """Run the decoder.
 
@@ -266,12 +281,16 @@ class MossDecoder(nn.Module):
             attention_mask: ``(B, past + S)`` with 1 for real tokens and 0 for (left) padding; positions
                 count real tokens only. ``None``: all real.
             layout: an ``ImageLayout`` for these ``S`` tokens; read by injected MoSS adapters (see
-                ``moss_kernels.model.routing``), ignored otherwise.
+                ``moss_kernels.model.routing``) and, with ``image_features``, where the images start.
             cache: a ``DecoderCache`` to extend (prefill or decoding); ``None`` for a full forward.
+            image_features: with ``config.mmfs``: ``(B, M, S_img, feature_dim)``, the multi-scale features
+                of the sequence's images in order (levels ``config.mmfs.spatial_shapes``, concatenated).
+            image_visible: ``(B, S, 2)`` int64 ranges ``[lo, hi)`` of the images each token sees; ``None``:
+                derived from ``layout`` (or from ``input_ids``) by ``moss_kernels.mmfs.causal_image_ranges``
+                (needed with a cache, where earlier tokens are not in this call).
 
         Returns ``DecoderOutput(logits (B, S, V) float32, hidden_states (B, S, D), cache)``.
         """
-        del layout  # consumed by the MoSS forward pre-hook when adapters are injected
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
@@ -302,13 +321,51 @@ class MossDecoder(nn.Module):
         mask = (k_pos <= q_pos).expand(B, 1, S, past + S)
         if real is not None:
             mask = (mask & real[:, None, None, :]) | (k_pos == q_pos)
+        mmfs_inputs = self._mmfs_inputs(input_ids, layout, image_features, image_visible, cache, B, S)
         for layer in self.layers:
             if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache, mmfs_inputs, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, mask, cache, mmfs_inputs)
         h = self.norm(x)
         return DecoderOutput(self.lm_head(h).float(), h, cache)
+
+    def _mmfs_inputs(self, input_ids, layout, image_features, image_visible, cache, B, S):
+        """``(features, spatial_shapes, visible ranges)`` for the MMFS blocks, or ``None`` without features."""
+        # `layout` is the MoSS layout when given (the MoSS pre-hook reads it too): one ImageLayout routes both.
+        opts = self.config.mmfs
+        if image_features is None:
+            if image_visible is not None:
+                raise ValueError("image_visible was given without image_features")
+            return None
+        if opts is None:
+            raise ValueError("image_features needs a decoder built with DecoderConfig(mmfs=...)")
+        S_img = sum(h * w for h, w in opts.spatial_shapes)
+        if image_features.dim() != 4 or image_features.shape[0] != B or image_features.shape[2] != S_img \
+                or image_features.shape[3] != opts.feature_dim:
+            raise ValueError(f"image_features must have shape ({B}, M, {S_img}, {opts.feature_dim}), "
+                             f"got {tuple(image_features.shape)}")
+        if image_visible is None:
+            if cache is not None and len(cache) > 0:
+                raise ValueError("image_visible is needed with a non-empty cache (earlier tokens are not in "
+                                 "this call to derive it from)")
+            if layout is None:
+                if input_ids is None:
+                    raise ValueError("image_visible (or layout=) is needed with inputs_embeds")
+                from ..layout import ImageLayout
+
+                layout = ImageLayout.from_token_ids(input_ids, self.config.boi_token_id, self.config.grid)
+            from ..mmfs import causal_image_ranges
+
+            image_visible, found = causal_image_ranges(layout, input_ids, opts.bos_token_id)
+            if found > image_features.shape[1]:
+                raise ValueError(f"the sequences hold up to {found} images, image_features only "
+                                 f"{image_features.shape[1]}")
+        elif image_visible.dtype not in (torch.int64, torch.int32) or tuple(image_visible.shape) != (B, S, 2):
+            raise ValueError(f"image_visible must be int64 ranges of shape ({B}, {S}, 2), got "
+                             f"{image_visible.dtype} {tuple(image_visible.shape)}")
+        shapes = torch.tensor(opts.spatial_shapes, dtype=torch.int64)
+        return image_features, shapes, image_visible.to(image_features.device)
 
 
 class GenerationOutput(NamedTuple):
