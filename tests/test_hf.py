@@ -12,6 +12,7 @@ import moss_kernels as mk  # noqa: E402
 from moss_kernels.layout import ImageLayout  # noqa: E402
 from moss_kernels.model import adapted_layers, current_layout  # noqa: E402
 from moss_kernels.model.hf import MossCache, lm_logits  # noqa: E402
+from moss_kernels.model.tiny import tiny_chameleon, tiny_llama  # noqa: E402
 from moss_kernels.testing import assert_close_rel, ground_truth, randomize_adapters  # noqa: E402
 
 GRID = (2, 3)
@@ -30,11 +31,7 @@ def checkpointing(model, on=True, use_reentrant=False):
 
 
 def llama(seed=0, **moss):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   pad_token_id=0, bos_token_id=1, eos_token_id=None)  # no early stop
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(seed)  # eos_token_id=None: generate() never stops early
     mk.inject_moss(model, mk.MossConfig(rank=4, alpha=8, dropout=0.0, boi_token_id=BOI, grid=GRID, **moss))
     randomize_adapters(model, seed)
     return model.eval()
@@ -138,19 +135,8 @@ def test_llama_manual_loop_with_moss_cache():
 # ---------------------------------------------------------------------------------------------- Chameleon
 def chameleon(seed=0):
     """A tiny Chameleon: 16 image codes (ids 4..19), <image> 20, <racm3:break> (boi) 21, <eoss> 22, text."""
-    torch.manual_seed(seed)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for i in range(16):  # code digits map to letters A-J
-        vocab["IMGIMG" + "".join("ABCDEFGHIJ"[int(c)] for c in str(i)) + "Z"] = 4 + i
-    for name in ("<image>", "<racm3:break>", "<eoss>", *(f"t{i}" for i in range(20))):
-        vocab[name] = len(vocab)
-    vq = dict(embed_dim=8, num_embeddings=16, latent_channels=8, resolution=32, base_channels=32,
-              channel_multiplier=[1, 2], num_res_blocks=1, attn_resolutions=[])
-    cfg = transformers.ChameleonConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                       max_position_embeddings=128, vocabulary_map=vocab, vq_config=vq, pad_token_id=3)
-    model = transformers.ChameleonForConditionalGeneration(cfg)
-    boi = vocab["<racm3:break>"]
+    model = tiny_chameleon(seed)
+    boi = model.config.vocabulary_map["<racm3:break>"]
     mk.inject_moss(model, mk.MossConfig(rank=4, alpha=8, dropout=0.0, boi_token_id=boi, grid=GRID))
     randomize_adapters(model, seed)
     return model.eval(), boi

@@ -29,6 +29,16 @@ class MossConfig:
             explicitly (``moss_layout``) and every other forward is all text.
         routing: ``"input"`` (grid on the image tokens, the paper's Figure 2) or ``"output"`` (grid on the
             positions that predict them); see ``ImageLayout.from_token_ids``.
+        modules_to_save: names or name suffixes of other modules (an embedding, the output head) that train
+            in full next to the adapters: unfrozen by ``inject_moss``, saved by ``save_moss``, and run
+            from a frozen copy of their original weights under ``disable_moss`` (PEFT's option).
+        backend: the backend of every adapted layer's calls (``"native"``, ``"triton"``, ``"reference"``;
+            ``None``: the fastest for each call's device); ``inject_moss(model, backend=...)`` alike.
+        layout_provider: where a model family puts its image tokens, for training forwards, prefill and
+            every decoding step alike (``moss_kernels.model.providers``): a ``LayoutProvider``
+            (``Emu3Provider``, ``JanusProvider``, ``BoiGridProvider``) or a callable
+            ``fn(input_ids) -> ImageLayout``. Default: ``BoiGridProvider(boi_token_id, grid, routing)``
+            when those are set. Not saved by ``to_dict`` (code, not data).
     """
 
     rank: int = 256
@@ -40,6 +50,9 @@ class MossConfig:
     boi_token_id: Optional[int] = None
     grid: Optional[Sequence[int]] = None
     routing: str = "input"
+    modules_to_save: Optional[Sequence[str]] = None
+    backend: Optional[str] = None
+    layout_provider: Optional[object] = None
 
     def __post_init__(self):
         for name in ("rank", "kernel_size"):
@@ -63,6 +76,20 @@ class MossConfig:
             if len(grid) != 2 or min(grid) <= 0:
                 raise ValueError(f"MossConfig: grid must be a positive (height, width) pair, got {self.grid!r}")
             self.grid = grid
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m
+                                                                for m in self.modules_to_save):
+                raise ValueError("MossConfig: modules_to_save must be a list of module names, got "
+                                 f"{self.modules_to_save!r}")
+            self.modules_to_save = list(self.modules_to_save) or None
+        if self.backend is not None and (not isinstance(self.backend, str) or self.backend == "auto"):
+            if self.backend != "auto":
+                raise ValueError(f"MossConfig: backend must be a backend name or None, got {self.backend!r}")
+            self.backend = None
+        if self.layout_provider is not None and not callable(self.layout_provider) and not hasattr(
+                self.layout_provider, "step"):
+            raise ValueError("MossConfig: layout_provider must be a LayoutProvider or a callable "
+                             f"fn(input_ids) -> ImageLayout, got {type(self.layout_provider).__name__}")
         if isinstance(self.target_modules, str):
             pass
         elif isinstance(self.target_modules, (list, tuple, set, frozenset)) and self.target_modules and all(
@@ -81,6 +108,9 @@ class MossConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["grid"] = list(self.grid) if self.grid is not None else None
+        from .providers import provider_spec  # providers import layers; config is imported first
+
+        d["layout_provider"] = provider_spec(self.layout_provider)
         return d
 
     @classmethod
@@ -89,4 +119,9 @@ class MossConfig:
         unknown = set(d) - fields
         if unknown:
             raise ValueError(f"MossConfig: unknown keys {sorted(unknown)}")
+        d = dict(d)
+        if isinstance(d.get("layout_provider"), dict):
+            from .providers import provider_from_spec
+
+            d["layout_provider"] = provider_from_spec(d["layout_provider"])
         return cls(**d)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from typing import NamedTuple, Optional
 
 from torch import nn
 
+from ..bases import is_linear_base
 from ..layers import MossLinear
 from .config import MossConfig
 from .routing import MossRouter
@@ -62,7 +64,7 @@ def _is_vision(name: str) -> bool:
 
 
 def _select(model: nn.Module, config: MossConfig) -> list:
-    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    linears = [(n, m) for n, m in model.named_modules() if is_linear_base(m)]
     head = _output_head(model)
     target = config.target_modules
     if target == "all-linear":
@@ -85,6 +87,37 @@ def _select(model: nn.Module, config: MossConfig) -> list:
     return chosen
 
 
+def _refuse_peft(model: nn.Module) -> None:
+    """PEFT adapters inside the model: MoSS would wrap PEFT's internals and freeze them."""
+    if "peft" not in sys.modules:  # a model cannot carry PEFT layers without peft being imported
+        return
+    for name, m in model.named_modules():
+        kinds = {c.__name__ for c in type(m).__mro__}
+        if kinds & {"PeftModel", "BaseTunerLayer", "BaseTuner"}:
+            raise ValueError(f"inject_moss: {type(model).__name__} carries PEFT adapters ({name or 'the model'} is a "
+                             f"{type(m).__name__}); MoSS and PEFT adapters cannot be stacked. Either merge the PEFT "
+                             "LoRA into the base (model = model.merge_and_unload()) and inject MoSS into the result, "
+                             "or inject MoSS into the plain base model and initialise its text adapter from the PEFT "
+                             "adapter directory with moss_kernels.from_peft_lora(model, peft_dir)")
+
+
+def _modules_to_save(model: nn.Module, names: list, adapted: list) -> dict:
+    """Unfreeze the ``modules_to_save``; returns ``{parameter name: frozen copy of its original}``."""
+    originals = {}
+    for target in names:
+        found = [(n, m) for n, m in model.named_modules() if n and (n == target or n.endswith("." + target))]
+        if not found:
+            raise ValueError(f"modules_to_save: {target!r} matches no module of {type(model).__name__}")
+        for n, m in found:
+            if any(n == a or n.startswith(a + ".") or a.startswith(n + ".") for a in adapted):
+                raise ValueError(f"modules_to_save: {n} is or holds an adapted layer (target_modules); a module "
+                                 "either gets adapters or trains in full, not both")
+            for pn, p in m.named_parameters():
+                originals[f"{n}.{pn}"] = p.detach().clone()
+                p.requires_grad_(True)
+    return originals
+
+
 def inject_moss(model: nn.Module, config: Optional[MossConfig] = None, **overrides) -> nn.Module:
     """Replace the targeted ``nn.Linear``s of ``model`` by ``MossLinear``s, freeze everything else.
 
@@ -95,8 +128,9 @@ def inject_moss(model: nn.Module, config: Optional[MossConfig] = None, **overrid
 
     Returns ``model`` itself, rewritten in place: only adapter parameters (float32) require grad; its
     forward routes one layout per call to every adapted layer (``moss_kernels.model.routing``);
-    ``model.moss_config`` holds the config. Raises ``ValueError`` if the model already has adapters or
-    nothing matches ``target_modules``.
+    ``model.moss_config`` holds the config. Targets are ``nn.Linear``s, their subclasses and the types
+    registered in ``moss_kernels.bases`` (``torch.ao`` dynamic-quantized linears). Raises ``ValueError``
+    if the model already has MoSS or PEFT adapters or nothing matches ``target_modules``.
     """
     if config is None:
         config = MossConfig(**overrides)
@@ -108,6 +142,7 @@ def inject_moss(model: nn.Module, config: Optional[MossConfig] = None, **overrid
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if is_injected(model) or any(isinstance(m, MossLinear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} already has MoSS adapters")
+    _refuse_peft(model)
 
     names = _select(model, config)
     for p in model.parameters():
@@ -118,9 +153,10 @@ def inject_moss(model: nn.Module, config: Optional[MossConfig] = None, **overrid
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, attr)
         layer = MossLinear(base, rank=config.rank, alpha=config.alpha, dropout=config.dropout,
-                           kernel_size=config.kernel_size, adapter=config.adapter)
+                           kernel_size=config.kernel_size, adapter=config.adapter, backend=config.backend)
         layer.routing = router
         setattr(parent, attr, layer)
+    originals = _modules_to_save(model, config.modules_to_save or [], names)
 
     # Entry hooks on the model and on every module between it and the decoder layers; block hooks on
     # the decoder layers (see routing's docstring).
@@ -146,6 +182,7 @@ def inject_moss(model: nn.Module, config: Optional[MossConfig] = None, **overrid
     object.__setattr__(model, "_moss_router", router)
     object.__setattr__(model, "_moss_hooks", handles)
     object.__setattr__(model, "moss_config", config)
+    object.__setattr__(model, "_moss_originals", originals)
     return model
 
 

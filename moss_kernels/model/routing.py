@@ -21,11 +21,22 @@
   Checkpointing a bare ``forward`` method from outside runs no hook at recomputation: unsupported.
 
 ``moss_layout(model, layout)`` gives the layout explicitly (``inputs_embeds``, custom layouts).
+
+Where the layout comes from is the config's layout provider (``moss_kernels.model.providers``), the
+same for training forwards, prefill and decoding. A **decoding step** (a cached forward of one token
+per row) builds no layout: the provider advances the cache's per-row tracker (``(batch,)`` device
+tensors in ``cache.moss_states``) from the new ids with tensor ops, and every adapted layer calls the
+graph-capturable ``moss_lora_step`` with the resulting ``image_pos``/``height``/``width`` tensors — no
+host synchronisation, one graph for every step under ``torch.compile``. A layer finds its context in
+O(1) (the top of this thread's stack) and its conv state by a dict lookup. Routing holds tensors and
+plain objects only: the router pickles and deep-copies with the model (its per-thread stacks start
+empty in a copy).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import threading
 import weakref
 from typing import NamedTuple, Optional
@@ -36,24 +47,45 @@ import torch
 from ..layout import ImageLayout
 from .cache import MossStates, attach_states
 from .config import MossConfig
+from .providers import StepRoute, make_provider
 
 __all__ = ["MossRouter", "RouteContext", "current_layout", "moss_layout"]
 
 
 class RouteContext(NamedTuple):
-    layout: Optional[ImageLayout]  # None: all text
+    layout: Optional[ImageLayout]  # None: all text (or a decoding step)
     states: Optional[MossStates]  # None: no KV cache (training or a plain full forward)
+    step: Optional[StepRoute] = None  # a decoding step (one token per row): device tensors for moss_lora_step
 
 
 class MossRouter:
-    """Per model: answers ``lookup(layer) -> (layout, state)`` for the forward running in this thread."""
+    """Per model: the ``RouteContext`` of the forward running in this thread (``current()``).
+
+    Picklable and deep-copyable (the per-thread stacks, the lock and the checkpoint records are
+    per process and start empty in a copy), so ``copy.deepcopy(model)`` and ``torch.save(model)``
+    work on injected models.
+    """
 
     def __init__(self, config: MossConfig):
         self.config = config
+        # One LoRA for every token routes nothing: no layout work at all for adapter="lora".
+        self.provider = make_provider(config) if config.adapter != "lora" else None
+        self.pop_layout_kwarg: set = set()  # ids of entry modules whose forward has no `layout` parameter
+        self._init_runtime()
+
+    def _init_runtime(self) -> None:
         self._local = threading.local()
         self._saved: dict = {}  # block-input key -> RouteContext, for recomputation in backward
         self._lock = threading.Lock()
-        self.pop_layout_kwarg: set = set()  # ids of entry modules whose forward has no `layout` parameter
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_local", "_saved", "_lock")}
+        state["pop_layout_kwarg"] = set()  # ids of modules: meaningless in a copy (see _drops_layout)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
 
     # ------------------------------------------------------------------ per-thread stacks
     def _stack(self) -> list:
@@ -93,23 +125,33 @@ class MossRouter:
                 layout = cand
         states = None
         if cache is not None and ref is not None:
-            states = attach_states(cache, self.config, int(ref.shape[0]))
+            states = attach_states(cache, self.config, int(ref.shape[0]), self.provider, ref.device)
+        provider = self.provider
         if layout is not None:
             if ref is not None and (layout.batch_size, layout.seq_len) != tuple(ref.shape[:2]):
                 raise ValueError(f"layout is for (batch={layout.batch_size}, seq={layout.seq_len}), the input has "
                                  f"shape {tuple(ref.shape[:2])}")
-            if states is not None and self.config.derives_layout:
+            if states is not None:
                 states.advance_from_layout(layout)
-        elif self.config.derives_layout:
-            if input_ids is None:
+            return RouteContext(layout, states)
+        if states is not None and ref.shape[1] == 1:
+            # A decoding step: routing advanced on the device from the tracker and the new ids.
+            return RouteContext(None, states, states.step(input_ids))
+        if provider is None:
+            return RouteContext(None, states)  # layouts only explicit: all text
+        if input_ids is None:
+            lay = provider.embeds_prefill(states.tracker if states is not None else None,
+                                          *(int(n) for n in ref.shape[:2])) if ref is not None else None
+            if lay is None:
                 raise ValueError("MoSS: this forward has no input_ids to derive the image layout from "
                                  "(inputs_embeds?); give it with `with moss_kernels.moss_layout(model, layout): ...`")
-            if states is not None:
-                layout = states.layout_for(input_ids)
-            else:
-                layout = ImageLayout.from_token_ids(input_ids, self.config.boi_token_id, self.config.grid,
-                                                    self.config.routing)
-        return RouteContext(layout, states)
+            return RouteContext(lay, states)
+        if states is not None:
+            return RouteContext(states.layout_for(input_ids), states)
+        lay = provider.layout(input_ids)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            provider.warn_no_images(lay)
+        return RouteContext(lay, None)
 
     def entry_pre_hook(self, module, args, kwargs):
         stack = self._stack()
@@ -125,8 +167,19 @@ class MossRouter:
             if input_ids is None and args and isinstance(args[0], torch.Tensor) and not args[0].is_floating_point():
                 input_ids = args[0]
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if cache is None and kwargs.get("use_cache") is True and "past_key_values" in _parameters(module):
+                # `model(prompt, use_cache=True)` then decoding from `out.past_key_values`: the cache the
+                # model would create inside is made here, so the prefill's conv states ride in it.
+                from .hf import MossCache
+
+                cache = MossCache()
+                kwargs = {**kwargs, "past_key_values": cache}
+                stack[-1] = self.build_context(input_ids, kwargs.get("inputs_embeds"), layout, cache)
+                if "layout" in kwargs and _drops_layout(module):
+                    kwargs.pop("layout")
+                return args, kwargs
             stack[-1] = self.build_context(input_ids, kwargs.get("inputs_embeds"), layout, cache)
-        if "layout" in kwargs and id(module) in self.pop_layout_kwarg:  # e.g. Hugging Face forwards
+        if "layout" in kwargs and _drops_layout(module):  # e.g. Hugging Face forwards
             return args, {k: v for k, v in kwargs.items() if k != "layout"}
         return None
 
@@ -142,10 +195,15 @@ class MossRouter:
         return (x.device, x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), tuple(x.stride()))
 
     def block_pre_hook(self, module, args, kwargs):
+        ctx = self.current()
+        if torch.compiler.is_compiling():
+            # Traced checkpoints recompute inside the graph, with this same context: no records (their
+            # storage keys and lock would break the graph).
+            self._stack().append(ctx)
+            return None
         if getattr(module, "_gradient_checkpointing_func", None) is not None:
             self._bind_checkpoint_func(module)
         x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
-        ctx = self.current()
         if ctx is not None:
             # Reentrant checkpointing runs the first forward under no_grad, hence `training` too.
             if (torch.is_grad_enabled() or module.training) and isinstance(x, torch.Tensor):
@@ -199,6 +257,22 @@ class MossRouter:
     def _forget(self, key) -> None:
         with self._lock:
             self._saved.pop(key, None)
+
+
+_TAKES_LAYOUT: dict = {}  # module type -> the parameter names of its forward
+
+
+def _parameters(module) -> frozenset:
+    """Names of the parameters of the module's forward (per type, so copies need no per-instance record)."""
+    names = _TAKES_LAYOUT.get(type(module))
+    if names is None:
+        names = _TAKES_LAYOUT[type(module)] = frozenset(inspect.signature(module.forward).parameters)
+    return names
+
+
+def _drops_layout(module) -> bool:
+    """Whether the entry hook must keep ``layout=`` out of this module's own forward."""
+    return "layout" not in _parameters(module)
 
 
 def _router(model) -> MossRouter:
