@@ -14,14 +14,15 @@ $(VENV)/.installed: setup.py requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" -r requirements-dev.txt
-	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	@echo "moss_kernels: installing in place; this compiles the native C++ extension (about 2 min on 2 idle cores, more under load). MOSS_KERNELS_NATIVE=0 skips it (the reference backend runs); make ... VERBOSE=1 shows the compiler's lines."
+	$(BIN)/python -m pip install $(if $(VERBOSE),-v,) --no-build-isolation -e .
 	touch $@
 
 demo: setup
 	$(BIN)/python -m moss_kernels.demo
 
 test: setup
-	$(BIN)/python -m pytest tests benchmarks -q -p no:cacheprovider --benchmark-disable
+	$(BIN)/python -m pytest tests benchmarks -q -rs -p no:cacheprovider --benchmark-disable
 
 bench: setup
 	$(BIN)/python -m moss_kernels.bench --quick

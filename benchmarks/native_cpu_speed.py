@@ -1,16 +1,27 @@
 """Native CPU backend vs the reference backend: forward, forward+backward, decode step.
 
     python benchmarks/native_cpu_speed.py [--size mid|small|large] [--dtype float32] [--repeat 10]
+                                          [--threads N] [--competing-load N]
 
 Prints the best and the median of N milliseconds (runs of the two backends interleaved; the best is
 robust to other processes on a shared machine), the speedup of native over reference, and the BLAS
 floor: the same GEMMs alone, on gathered contiguous operands, which bounds any backend's speedup.
 The issue's targets (float32, mid size): forward+backward >= 1.5x, decode step >= 3x. Timing only; nothing here asserts.
+
+``--competing-load N`` runs N busy-looping processes for the whole measurement: a machine shared with
+other jobs, where both backends' threads are oversubscribed (native must degrade no worse than the
+reference there). The kernels' threads follow ``torch.get_num_threads()`` (``--threads``). Every
+backend's OpenMP threads spin while they wait, which is what collapses under such load: compare
+``OMP_WAIT_POLICY=PASSIVE python benchmarks/native_cpu_speed.py --competing-load 2`` (README,
+"Shared machines").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import statistics
 import time
 
@@ -58,7 +69,7 @@ def time_ms(fns: dict, repeat: int) -> dict:
 
 
 def blas_floor(layout, x, weights):
-    """The GEMMs every rank-space backend runs (SPEC §1), alone: fp32 operands already gathered
+    """The GEMMs every rank-space backend runs (README, "How it is built"), alone: fp32 operands already gathered
     and contiguous, outputs preallocated, no shifts, no scatter. Returns (forward, forward+backward)
     callables; their time bounds what any backend can reach with this BLAS."""
     ta, tb, w, ib = (t.float() for t in weights)
@@ -126,6 +137,26 @@ def bench(size: str, dtype: torch.dtype, repeat: int) -> dict:
     return {job: time_ms(fns, repeat * (10 if job.startswith("decode") else 1)) for job, fns in jobs.items()}
 
 
+def _spin() -> None:
+    while True:
+        pass
+
+
+@contextlib.contextmanager
+def competing_load(n: int):
+    """``n`` processes that keep a core busy each, for the duration of the block."""
+    procs = [multiprocessing.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="mid")
@@ -133,6 +164,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--rank", type=int, default=None, help="override the size's adapter rank")
+    parser.add_argument("--competing-load", type=int, default=0, metavar="N",
+                        help="run N busy-looping processes during the measurement (a shared, loaded machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,8 +174,11 @@ def main() -> None:
         size = list(SIZES[args.size])
         size[4] = args.rank
         SIZES[args.size] = tuple(size)
-    res = bench(args.size, dtype, args.repeat)
-    print(f"size={args.size} {SIZES[args.size]} dtype={args.dtype} threads={torch.get_num_threads()}")
+    with competing_load(args.competing_load):
+        res = bench(args.size, dtype, args.repeat)
+    print(f"size={args.size} {SIZES[args.size]} dtype={args.dtype} threads={torch.get_num_threads()} "
+          f"competing load={args.competing_load} busy processes, load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
     print(f"{'':>17}  {'reference ms':>18}  {'native ms':>18}  {'speedup':>17}  {'BLAS floor ms':>18}")
     print(f"{'':>17}  {'best':>8}  {'median':>8}  {'best':>8}  {'median':>8}  {'best / median':>17}  "
           f"{'best':>8}  {'median':>8}")

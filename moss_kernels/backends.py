@@ -25,10 +25,11 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from . import reference
+from . import deform_reference, reference
 
 __all__ = [
     "Backend",
+    "BackendDisabled",
     "available_backends",
     "backend_problems",
     "default_backend",
@@ -36,6 +37,11 @@ __all__ = [
     "interpreting_triton",
     "register_backend",
 ]
+
+
+class BackendDisabled(ImportError):
+    """Raised by an optional backend's module when the user switched it off (``MOSS_KERNELS_NATIVE=0``):
+    recorded in ``backend_problems()``, but not warned about — the user asked for it."""
 
 
 class Backend:
@@ -54,14 +60,31 @@ class Backend:
     backward: Callable
     decode_step: Callable
 
+    # The deformable-attention ops (contract: deform_reference.py); None where not computed.
+    deform_forward: Optional[Callable] = None
+    deform_backward: Optional[Callable] = None
+    mmfs_forward: Optional[Callable] = None
+    mmfs_backward: Optional[Callable] = None
+
+    def supports_deform(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this backend computes ``ms_deform_attn`` / ``mmfs_attn`` for ``value`` of ``dtype``."""
+        return self.mmfs_forward is not None and dtype in (torch.float32, torch.float16, torch.bfloat16)
+
 
 class ReferenceBackend(Backend):
     name = "reference"
     forward = staticmethod(reference.forward)
     backward = staticmethod(reference.backward)
     decode_step = staticmethod(reference.decode_step)
+    deform_forward = staticmethod(deform_reference.ms_deform_forward)
+    deform_backward = staticmethod(deform_reference.ms_deform_backward)
+    mmfs_forward = staticmethod(deform_reference.mmfs_forward)
+    mmfs_backward = staticmethod(deform_reference.mmfs_backward)
 
     def is_available(self, device: torch.device) -> bool:
+        return True
+
+    def supports_deform(self, device, dtype) -> bool:
         return True
 
     def supports(self, device, dtype, kernel_size) -> bool:
@@ -97,6 +120,8 @@ def _load_optional() -> None:
             importlib.import_module(module)  # registers itself
         except Exception as e:
             _PROBLEMS[name] = f"{type(e).__name__}: {e}"
+            if isinstance(e, BackendDisabled):
+                _WARNED.add(name)
 
 
 def backend_problems() -> dict[str, str]:
@@ -139,7 +164,6 @@ def default_backend(device: torch.device, dtype: torch.dtype, kernel_size: int) 
     return "reference"
 
 
-@torch._dynamo.assume_constant_result  # decided once while tracing: loads nothing inside a graph
 def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, kernel_size: int) -> str:
     """The backend a call runs on: ``name`` checked, or the default."""
     if name is None or name == "auto":
@@ -150,3 +174,35 @@ def resolve(name: Optional[str], device: torch.device, dtype: torch.dtype, kerne
     if not backend.supports(device, dtype, kernel_size):
         raise ValueError(f"backend {name!r} does not compute {dtype} with kernel_size {kernel_size} on {device}")
     return name
+
+
+# Decided once while tracing: torch.compile treats resolve's result as a constant and never traces
+# the lazy loading inside it. This is what ``torch._dynamo.assume_constant_result`` sets; calling
+# that would import torch._dynamo (about as long as torch itself) at ``import moss_kernels``.
+# tests/test_fallback.py checks that the decorator still sets exactly this.
+resolve._dynamo_marked_constant = True
+
+
+def resolve_deform(name: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """``resolve`` for the deformable-attention ops: ``name`` checked, or the fastest backend that
+    computes them for ``dtype`` (float64 when any input is float64) on ``device``."""
+    if name is None or name == "auto":
+        _load_optional()
+        for candidate in _PREFERENCE.get(device.type, ("reference",)):
+            backend = _BACKENDS.get(candidate)
+            if backend is None and candidate in _PROBLEMS and candidate not in _WARNED:
+                _WARNED.add(candidate)
+                warnings.warn(f"moss_kernels: the {candidate} backend is unavailable ({_PROBLEMS[candidate]}); "
+                              "falling back to the next backend", RuntimeWarning, stacklevel=3)
+            if backend is not None and backend.is_available(device) and backend.supports_deform(device, dtype):
+                return candidate
+        return "reference"
+    backend = get_backend(name)
+    if not backend.is_available(device):
+        raise ValueError(f"backend {name!r} is not available on {device}; available: {available_backends(device)}")
+    if not backend.supports_deform(device, dtype):
+        raise ValueError(f"backend {name!r} does not compute the deformable-attention ops for {dtype} on {device}")
+    return name
+
+
+resolve_deform._dynamo_marked_constant = True  # as resolve's

@@ -17,12 +17,15 @@ Environment:
 * ``MOSS_KERNELS_FORCE_BUILD=1`` — ignore ``_C`` and any cached build and compile again;
 * ``MOSS_KERNELS_CACHE_DIR`` — where JIT builds go (default ``$XDG_CACHE_HOME/moss_kernels`` or
   ``~/.cache/moss_kernels``);
-* ``MOSS_KERNELS_VERBOSE_BUILD=1`` — show the compiler's output;
+* ``MOSS_KERNELS_VERBOSE_BUILD=1`` — show the compiler's lines while building;
 * ``MOSS_KERNELS_CUDA_FORWARD=auto|fused|split`` — the CUDA forward path at import (see
   ``cuda_forward_path``; for benchmarking one path across a whole run).
 
-Any failure raises ``ImportError`` with the reason; ``moss_kernels.backends`` records it, warns
-once and falls back to the other backends, so ``import moss_kernels`` never breaks.
+A JIT build says so on stderr before it starts (what, why, about how long, where, how to skip it)
+and when it ends. Any failure raises ``ImportError`` with the cause in one line (e.g.
+``/bin/sh: 1: c++: not found``) and the path of the full build log; ``moss_kernels.backends``
+records it, warns once and falls back to the other backends, so ``import moss_kernels`` never
+breaks. ``MOSS_KERNELS_NATIVE=0`` raises ``BackendDisabled``: recorded, never warned about.
 """
 
 from __future__ import annotations
@@ -32,13 +35,16 @@ import importlib.util
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-from .backends import Backend, register_backend
+from .backends import Backend, BackendDisabled, register_backend
+from .build_messages import build_notice, failure_cause
+from . import native_deform
 
 __all__ = ["NativeBackend", "build_info", "cuda_forward_path", "extension"]
 
@@ -97,7 +103,26 @@ def _cache_root() -> Path:
     return Path(base) / "moss_kernels"
 
 
-def _jit_build(csrc: Path, config: ModuleType, force: bool) -> ModuleType:
+@contextlib.contextmanager
+def _build_lock(build_dir: Path):
+    """Serialise builds of one cache directory across processes with a lock the kernel releases when
+    its holder dies. torch's own ``lock`` file is not released by a killed build (a test timeout, a
+    Ctrl-C) and makes every later import wait forever; under this lock any such file is stale."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(build_dir / "moss_build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (build_dir / "lock").unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _jit_build(csrc: Path, config: ModuleType, force: bool, why: str) -> ModuleType:
     from torch.utils.cpp_extension import load, verify_ninja_availability
 
     try:
@@ -113,26 +138,37 @@ def _jit_build(csrc: Path, config: ModuleType, force: bool) -> ModuleType:
         shutil.rmtree(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = config.cpu_sources(csrc) + (config.cuda_sources(csrc) if with_cuda else [])
+    name = f"moss_kernels_native_{digest}"
+    fresh = not any(build_dir.glob(f"{name}*.so"))  # else ninja only checks and loads the cached one
+    if fresh:
+        print(build_notice(why, build_dir, len(sources), with_cuda), file=sys.stderr, flush=True)
+    t0 = time.monotonic()
     try:
-        return load(
-            name=f"moss_kernels_native_{digest}",
-            sources=sources,
-            extra_cflags=config.cxx_flags(with_cuda, digest),
-            extra_cuda_cflags=config.nvcc_flags(digest) if with_cuda else None,
-            extra_ldflags=config.ld_flags(),
-            extra_include_paths=[str(csrc)],
-            build_directory=str(build_dir),
-            with_cuda=with_cuda,
-            verbose=_flag("MOSS_KERNELS_VERBOSE_BUILD", "0"),
-        )
+        with _build_lock(build_dir):
+            ext = load(
+                name=name,
+                sources=sources,
+                extra_cflags=config.cxx_flags(with_cuda, digest),
+                extra_cuda_cflags=config.nvcc_flags(digest) if with_cuda else None,
+                extra_ldflags=config.ld_flags(),
+                extra_include_paths=[str(csrc)],
+                build_directory=str(build_dir),
+                with_cuda=with_cuda,
+                verbose=_flag("MOSS_KERNELS_VERBOSE_BUILD", "0"),
+            )
     except Exception as e:
-        raise ImportError(f"building the native extension in {build_dir} failed: {type(e).__name__}: "
-                          f"{str(e)[-2000:]}") from e
+        log = build_dir / "build-failure.log"
+        log.write_text(f"{type(e).__name__}: {e}\n")
+        raise ImportError(f"building the native extension failed: {failure_cause(str(e))} "
+                          f"(full log: {log})") from e
+    if fresh:
+        print(f"moss_kernels: native extension built in {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
+    return ext
 
 
 def _load() -> tuple[ModuleType, str]:
     if not _flag("MOSS_KERNELS_NATIVE", "1"):
-        raise ImportError("the native backend is disabled (MOSS_KERNELS_NATIVE=0)")
+        raise BackendDisabled("the native backend is disabled (MOSS_KERNELS_NATIVE=0)")
     csrc = _csrc()
     config = _build_config(csrc) if csrc is not None else None
     force = _flag("MOSS_KERNELS_FORCE_BUILD", "0")
@@ -144,7 +180,7 @@ def _load() -> tuple[ModuleType, str]:
     if csrc is None:
         raise ImportError(f"{why}, and no csrc/ sources to build from; reinstall with "
                           "`pip install --no-build-isolation .`")
-    return _jit_build(csrc, config, force), f"JIT build ({why})"
+    return _jit_build(csrc, config, force, why), f"JIT build ({why})"
 
 
 extension, _origin = _load()
@@ -220,6 +256,15 @@ class NativeBackend(Backend):
     def decode_step(x, out, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width):
         extension.decode_step(_x_rows(x), out, text_a, text_b, image_weight, image_b, float(scale), pending,
                               image_pos, height, width)
+
+    # Deformable attention (contract: deform_reference.py): CPU kernels, every float dtype.
+    deform_forward = staticmethod(native_deform.ms_deform_forward)
+    deform_backward = staticmethod(native_deform.ms_deform_backward)
+    mmfs_forward = staticmethod(native_deform.mmfs_forward)
+    mmfs_backward = staticmethod(native_deform.mmfs_backward)
+
+    def supports_deform(self, device: torch.device, dtype: torch.dtype) -> bool:
+        return torch.device(device).type == "cpu" and hasattr(extension, "mmfs_forward")
 
 
 register_backend(NativeBackend())

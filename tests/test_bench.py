@@ -164,3 +164,49 @@ def test_gpu_session_script_parses_and_names_its_stages():
                           env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/moss_gpu_session_check"})
     assert proc.returncode == 2
     assert "usage:" in proc.stderr and "test|sanitize|bench" in proc.stderr
+
+
+def test_defaults_are_the_readme_figures_and_a_fresh_folder(tmp_path, monkeypatch, capsys):
+    # No --out, --threads or --clock: one thread, the process clock, and a new folder each run —
+    # never the committed benchmarks/results/.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("moss_kernels.bench.__main__._utc_stamp", lambda: "20261201-000000")
+    earlier = tmp_path / "bench_results" / "cpu-quick-20261201-000000"
+    earlier.mkdir(parents=True)  # an earlier run's folder, in the same second
+    args = ["--quick", "--device", "cpu", "--models", "janus-1.3b/8", "--ranks", "64", "--mixes", "mix75",
+            "--ops", "forward", "--impls", "reference", "--no-compile", "--budget", "0.002", "--quiet"]
+    before = torch.get_num_threads()
+    assert main(args) == 0
+    assert torch.get_num_threads() == before
+    assert not any(earlier.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["bench_results"]
+    meta = json.loads((earlier.parent / (earlier.name + "-2") / "results.json").read_text())["meta"]
+    assert meta["threads"] == 1 and meta["timer"].startswith("process_time") and "1 threads" in meta["timer"]
+    capsys.readouterr()
+
+
+def test_fresh_dir_and_the_loaded_machine_warning(tmp_path, monkeypatch, capsys):
+    from moss_kernels.bench.__main__ import fresh_dir, warn_if_loaded
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a-2").mkdir()
+    assert fresh_dir(str(tmp_path / "a")) == str(tmp_path / "a-3")
+    assert fresh_dir(str(tmp_path / "b")) == str(tmp_path / "b")
+    monkeypatch.setattr("os.getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    warn_if_loaded("process", 1)
+    assert capsys.readouterr().err == ""
+    warn_if_loaded("wall", 1)
+    assert "warning: the machine is loaded (load average 9.0 on 2 cores)" in capsys.readouterr().err
+    warn_if_loaded("process", 2)
+    assert "2 threads" in capsys.readouterr().err
+
+
+def test_a_missing_extra_stops_the_bench_before_any_work(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"needs matplotlib, which is not installed: "
+                                         r"pip install 'moss_kernels\[bench\]'"):
+        main(["--quick", "--device", "cpu", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -1,4 +1,4 @@
-// CPU forward: the rank-space identity of SPEC §1. Image rows: P = x_img K_all^T as one GEMM
+// CPU forward: the rank-space identity (README, "How it is built"). Image rows: P = x_img K_all^T as one GEMM
 // (gathered in cache-sized blocks), z = masked r-wide shifts of P, out += scale * z B_i^T. Text
 // rows: h = x_txt A_t^T, out += scale * h B_t^T. Pending sums of a state are read before any is
 // written (a slot read by this call may be rewritten by it).

@@ -18,9 +18,11 @@ namespace moss::cpu {
 // (measured: 8 GEMMs of 256 rows took 5x one GEMM of 2048 rows with 2 threads under load).
 inline int64_t block_rows(int64_t width) { return std::max<int64_t>(256, (int64_t{1} << 23) / std::max<int64_t>(width, 1)); }
 
-// Grain for at::parallel_for over rows `width` floats wide: enough work per chunk to amortise
-// the fork (~16K elements).
-inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(width, 1)); }
+// Grain for at::parallel_for over rows `width` floats wide: 64K elements (256 KiB of fp32, tens of
+// microseconds) per chunk, so loops smaller than that run serially on the calling thread. A fork is
+// cheap on idle cores but, when other processes hold the cores, every join waits for a descheduled
+// thread; the thread count itself is torch's (at::parallel_for follows torch.set_num_threads).
+inline int64_t row_grain(int64_t width) { return std::max<int64_t>(1, 65536 / std::max<int64_t>(width, 1)); }
 
 #define MOSS_DISPATCH_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)

@@ -1,7 +1,7 @@
 """The cost model: the work a case must do, the device's ceilings, the floor time.
 
-For each case and adapter kind, ``cost`` gives the FLOPs of the rank-space computation (SPEC §1:
-``P = x K_all^T`` over image rows, ``x A_t^T`` over text rows, then ``B``) and the fewest bytes that
+For each case and adapter kind, ``cost`` gives the FLOPs of the rank-space computation (README, "How it is
+built": ``P = x K_all^T`` over image rows, ``x A_t^T`` over text rows, then ``B``) and the fewest bytes that
 must cross the memory bus: every input read once, every output written once, per call; nothing
 intermediate (the rank-``r`` rows stay on chip, backward recomputes rather than saves). Weights are
 float32 (the adapter's default), activations in the case's dtype.

@@ -51,6 +51,7 @@ class RunConfig:
     clock: str = "wall"  # CPU: "wall" or "process" (see timing.Timer)
     seed: int = 0
     verbose: bool = True
+    mmfs: Optional[bool] = None  # the MMFS section (bench/mmfs.py); None: when no op/model filter is set
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -281,6 +282,12 @@ def _run_suite(cfg: RunConfig) -> dict:
                 tail = (f"{rec['median_s'] * 1e3:9.3f} ms  x{rec['x_floor']:.1f} floor"
                         if rec["status"] == "ok" else f"{rec['status']}: {rec.get('error', '')}")
                 print(f"[{n + 1}/{len(cases)}] {case.id:55s} {impl:16s} {tail}", file=sys.stderr, flush=True)
+    mmfs = None
+    if cfg.mmfs or (cfg.mmfs is None and set(cfg.ops) == set(OPS) and not (cfg.models or cfg.ranks or cfg.mixes)):
+        from .mmfs import run_mmfs  # one thread on a CPU, float32 there (the setting)
+
+        mmfs = run_mmfs(device, quick=cfg.quick or device.type == "cpu", budget_s=budget, clock=cfg.clock,
+                        verbose=cfg.verbose, dtype=torch.float32 if device.type == "cpu" else DTYPES[dtype])
     meta["wall_s"] = time.perf_counter() - t_start
     meta["loadavg_end"] = _loadavg()
-    return {"meta": meta, "ceilings": {dtype: dataclasses.asdict(ceil)}, "results": records}
+    return {"meta": meta, "ceilings": {dtype: dataclasses.asdict(ceil)}, "results": records, "mmfs": mmfs}

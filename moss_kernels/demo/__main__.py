@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..extras import require_extra
 from .compare import run_compare
 from .data import TRANSFORMS
 from .demo import run_demo
@@ -92,6 +93,8 @@ def settings_from(args: argparse.Namespace) -> DemoSettings:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser().parse_args(argv)
+    require_extra("python -m moss_kernels.demo", "demo",
+                  {"sklearn": "scikit-learn", "matplotlib": "matplotlib", "tqdm": "tqdm"})
     if args.threads < 0:
         raise SystemExit(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
