@@ -12,22 +12,12 @@ import moss_kernels as mk  # noqa: E402
 from moss_kernels.layout import ImageLayout, ImageSpan  # noqa: E402
 from moss_kernels.model import adapted_layers  # noqa: E402
 from moss_kernels.model.providers import Emu3Provider, JanusProvider, Tracker  # noqa: E402
+from moss_kernels.model.tiny import tiny_emu3, tiny_janus  # noqa: E402
+from moss_kernels.model.tiny import tiny_emu3_vocab as emu3_vocab  # noqa: E402
 from moss_kernels.testing import assert_close_rel, randomize_adapters  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- Emu3
-def emu3_vocab():
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4, "<|image start|>": 5, "<|image token|>": 6,
-             "<|image end|>": 7, "<|extra_200|>": 8, "<|extra_201|>": 9, "*": 10}
-    for d in range(10):
-        vocab[str(d)] = 11 + d
-    for i in range(16):
-        vocab[f"<|visual token{i:06d}|>"] = len(vocab)
-    for i in range(10):
-        vocab[f"t{i}"] = len(vocab)
-    return vocab
-
-
 def emu3_provider(vocab, max_width=12):
     return Emu3Provider(vocab["<|image start|>"], vocab["<|image token|>"], vocab["<|extra_200|>"],
                         [vocab[str(d)] for d in range(10)], vocab["*"], max_width=max_width)
@@ -35,13 +25,7 @@ def emu3_provider(vocab, max_width=12):
 
 def emu3(seed=0):
     vocab = emu3_vocab()
-    vq = dict(embed_dim=4, num_embeddings=16, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
-              num_res_blocks=1, attn_resolutions=[], out_channels=3, in_channels=3, temporal_downsample_factor=4)
-    tc = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=3, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = transformers.Emu3ForConditionalGeneration(
-        transformers.Emu3Config(vq_config=vq, text_config=tc, vocabulary_map=vocab)).eval()
+    model = tiny_emu3(seed).eval()
     mk.inject_moss(model, mk.MossConfig(rank=4, alpha=8, dropout=0.0, layout_provider=emu3_provider(vocab)))
     randomize_adapters(model, seed)
     return model, vocab
@@ -102,15 +86,7 @@ JANUS_BOI = 62
 
 
 def janus(seed=0):
-    tc = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    vc = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16,
-              projection_dim=32, num_image_tokens=6, depth=1)
-    vq = dict(embed_dim=4, num_embeddings=20, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
-              num_res_blocks=1, num_patches=2, projection_dim=32, image_token_embed_dim=32, num_hidden_layers=1)
-    torch.manual_seed(seed)
-    model = transformers.JanusForConditionalGeneration(
-        transformers.JanusConfig(text_config=tc, vision_config=vc, vq_config=vq, image_token_id=63)).eval()
+    model = tiny_janus(seed).eval()
     mk.inject_moss(model, mk.MossConfig(rank=4, alpha=8, dropout=0.0, layout_provider=JanusProvider(JANUS_BOI, (2, 3))))
     randomize_adapters(model, seed)
     return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["tiny_chameleon", "tiny_emu3", "tiny_janus", "tiny_llama"]
+__all__ = ["tiny_chameleon", "tiny_emu3", "tiny_emu3_vocab", "tiny_janus", "tiny_llama"]
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 64):
@@ -45,6 +45,16 @@ def tiny_chameleon(seed: int = 0):
     return transformers.ChameleonForConditionalGeneration(cfg)
 
 
+def tiny_emu3_vocab() -> dict:
+    """The vocabulary of ``tiny_emu3`` (ids listed there)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4, "<|image start|>": 5, "<|image token|>": 6,
+             "<|image end|>": 7, "<|extra_200|>": 8, "<|extra_201|>": 9, "*": 10}
+    for name in (*(str(d) for d in range(10)), *(f"<|visual token{i:06d}|>" for i in range(16)),
+                 *(f"t{i}" for i in range(10))):
+        vocab[name] = len(vocab)
+    return vocab
+
+
 def tiny_emu3(seed: int = 0):
     """A 2-layer ``Emu3ForConditionalGeneration``, hidden 32; ``model.config.vocabulary_map`` names the ids.
 
@@ -54,11 +64,7 @@ def tiny_emu3(seed: int = 0):
     """
     import transformers
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3, "<image>": 4, "<|image start|>": 5, "<|image token|>": 6,
-             "<|image end|>": 7, "<|extra_200|>": 8, "<|extra_201|>": 9, "*": 10}
-    for name in (*(str(d) for d in range(10)), *(f"<|visual token{i:06d}|>" for i in range(16)),
-                 *(f"t{i}" for i in range(10))):
-        vocab[name] = len(vocab)
+    vocab = tiny_emu3_vocab()
     vq = dict(embed_dim=4, num_embeddings=16, latent_channels=4, base_channels=32, channel_multiplier=[1, 1],
               num_res_blocks=1, attn_resolutions=[], out_channels=3, in_channels=3, temporal_downsample_factor=4)
     text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
