@@ -442,6 +442,116 @@ def test_decode_steps_equal_fused_forward_and_truth(target, name, dtype, k):
             assert_close_rel(got, base.double() + full[:, t].double(), TOLERANCE[dtype], f"step {t} vs fused")
 
 
+# ---------------------------------------------------------------------------- hostile inputs (issue 11)
+def _step_through(tgt, x, layout, weights, scale=SCALE):
+    """Every token of `layout` through moss_lora_step on the target, stacked to (batch, seq, d_out)."""
+    B, S, _ = x.shape
+    rank = weights[2].shape[0]
+    state = mk.ConvLoRAState(B, rank, weights[2].shape[2], device=tgt.dev, max_width=max(layout.max_width, 1))
+    steps = layout.step_positions(tgt.dev)
+    outs = []
+    for t in range(S):
+        pos, hh, ww = (p[t] for p in steps)
+        outs.append(mk.moss_lora_step(x[:, t], *weights, scale, state, pos, hh, ww, backend=tgt.backend))
+    return torch.stack(outs, 1)
+
+
+def test_float16_rank_space_sums_past_65504_stay_finite(target):
+    """Finding 5: all-float16 inputs whose rank-space sums (text h = 96000, image z up to 128000)
+    pass fp16's 65504 while the outputs (2400 text, 800..3200 image) do not: the up-GEMM must not
+    round them to fp16 (it gave Inf), on both forward paths ("auto" runs split for fp16) and the
+    decode step."""
+    layout = mk.ImageLayout.from_spans(1, 9, [(0, 3, 2, 3)])  # 3 text tokens, then a 2 x 3 image
+    d, f16 = 64, dict(dtype=torch.float16, device=target.dev)
+    weights = [torch.full((4, d), 0.75, **f16), torch.full((8, 4), 1 / 160, **f16),
+               torch.full((4, d, 2, 2), 0.25, **f16), torch.full((8, 4), 1 / 160, **f16)]
+    x = torch.full((1, 9, d), 2000.0, **f16)
+    want = ground_truth(x, layout, *weights)
+    assert want.abs().max() < 65504 and want.abs().min() > 700  # the outputs themselves fit fp16
+    with torch.no_grad():
+        for path in ("auto", "split"):
+            with target.path(path):
+                got = mk.moss_lora(x, layout, *weights, backend=target.backend)
+            assert got.dtype == torch.float16 and torch.isfinite(got).all(), path
+            assert_close_rel(got, want, TOLERANCE[torch.float16], f"float16 past 65504, {path}")
+        got = _step_through(target, x, layout, weights, 1.0)
+    assert torch.isfinite(got).all()
+    assert_close_rel(got, want, TOLERANCE[torch.float16], "float16 past 65504, decode steps")
+
+
+def _bf16_rounding_bound(got, want):
+    """Elementwise: `got` (bf16) is `want` computed with fp32 operands and rounded once to bf16,
+    i.e. within half a bf16 ulp of |got| plus a fp32-sized slack. Rounding a fp32 weight to bf16
+    (the old CUDA policy for bf16 x) breaks it on many elements."""
+    g = got.detach().double()
+    ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(g.abs().clamp_min(1e-30))))
+    excess = (g - want).abs() - (0.5 * ulp + 1e-5 * want.abs().max())
+    assert torch.isfinite(g).all() and excess.max() <= 0, f"{(excess > 0).sum().item()} elements beyond bf16 rounding"
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)], ids=str)
+def test_mixed_dtypes_compute_with_fp32_operands(target, x_dtype, w_dtype):
+    """Finding 10: when x and the weights differ in dtype the MMAs take fp32 operands (values as
+    given, nothing rounded): fp32 x matches float64 to 1e-5 (forward, dx, decode steps); bf16 x with
+    fp32 weights is the fp32 result rounded once to bf16 (native CUDA used to round the weights)."""
+    layout, x, weights = make_case(target, "odd", torch.float32, 2, 100, seed=31)
+    x, weights = x.to(x_dtype), [w.to(w_dtype) for w in weights]  # fp32 weights not bf16-representable
+    check = ((lambda got, want, what: assert_close_rel(got, want, TOLERANCE[torch.float32], what))
+             if x_dtype == torch.float32 else (lambda got, want, what: _bf16_rounding_bound(got, want)))
+    x64 = x.double().requires_grad_()
+    want = reference.literal_moss_lora(x64, layout, *[w.double() for w in weights], SCALE)
+    with torch.no_grad():
+        for path in ("split", "fused"):
+            if path == "fused" and x_dtype != torch.float32:  # the fused kernel reads x in the compute type
+                with target.path(path), pytest.raises(RuntimeError, match="dtypes differ"):
+                    mk.moss_lora(x, layout, *weights, SCALE, backend=target.backend)
+                continue
+            with target.path(path):
+                check(mk.moss_lora(x, layout, *weights, SCALE, backend=target.backend), want, f"forward {path}")
+    xg = x.clone().requires_grad_()
+    got = forward(target, "auto", xg, layout, weights)
+    assert got.dtype == x_dtype
+    check(got, want, "forward auto")
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(32)).to(x_dtype).to(target.dev)
+    got.backward(grad)
+    want.backward(grad.double())
+    assert xg.grad.dtype == x_dtype
+    check(xg.grad, x64.grad, "dx")
+    with torch.no_grad():
+        check(_step_through(target, x, layout, weights), want.detach(), "decode steps")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_step_writes_a_row_strided_out_at_its_stride(target, dtype):
+    """Finding 11: the raw decode step into a column slice of a wider buffer (row stride 12, d_out
+    6; NaN outside the slice) adds into exactly its own elements (the kernel addresses row b at
+    b * d_out, so a strided out needs the dispatch's contiguous copy); ring as the reference's."""
+    from moss_kernels import backends
+
+    g = torch.Generator().manual_seed(41)
+    weights = [w.to(dtype).to(target.dev) for w in random_adapters(8, 6, 3, 2, generator=g)]
+    w64 = [w.double() for w in weights]
+    run = backends.get_backend(target.backend).decode_step
+    hh, ww = torch.tensor([2, 1], device=target.dev), torch.tensor([3, 1], device=target.dev)
+    ring = torch.zeros(2, 4, 3, device=target.dev)
+    ring64 = torch.zeros(2, 4, 3, dtype=torch.float64, device=target.dev)
+    for t in range(6):  # sequence 0 walks a 2 x 3 image, sequence 1 stays on text
+        pos = torch.tensor([t, -1], device=target.dev)
+        xs = torch.randn(2, 8, generator=g).to(dtype).to(target.dev)
+        base = torch.randn(2, 6, generator=g).to(dtype).to(target.dev)
+        big = torch.full((2, 12), float("nan"), dtype=dtype, device=target.dev)
+        out = big[:, :6]
+        out.copy_(base)
+        assert out.stride() == (12, 1)
+        run(xs, out, *weights, 1.0, ring, pos, hh, ww)
+        want = base.double()
+        reference.decode_step(xs.double(), want, *w64, 1.0, ring64, pos, hh, ww)
+        assert torch.isnan(big[:, 6:]).all(), f"step {t}: wrote outside the slice"
+        assert_close_rel(out, want, TOLERANCE[dtype], f"step {t}: strided out")
+        assert_close_rel(ring, ring64, 1e-5 if dtype == torch.float32 else TOLERANCE[dtype], f"step {t}: ring")
+
+
 DEV = "cuda"  # the GPU-only tests below
 
 
