@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import moss_kernels as mk
+from moss_kernels.reference import literal_moss_lora
 from moss_kernels.testing import TOLERANCE, assert_close_rel, ground_truth, random_adapters
 
 BACKENDS = mk.available_backends("cpu")
@@ -452,6 +453,36 @@ def test_gpu_hostile_cases(backend):
     backends.get_backend(backend).decode_step(xs, out, *ws, 1.0, torch.zeros(2, 4, 3, device=dev), *args)
     assert torch.equal(base[:, 6:], torch.zeros(2, 6, device=dev))
     assert_close_rel(out, want, TOLERANCE[torch.float32], f"{backend} strided out")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_sums_and_mixed_dtypes_on_the_cpu(backend):
+    """Findings 5 and 10 on the CPU backends (Triton under its interpreter, whose float16 ``dot`` is
+    honoured): float16 inputs whose rank-space sums pass 65504 stay finite and right, and float32 ``x``
+    with float16 weights computes with float32 operands (1e-5) in the forward at r = 300 (Triton's
+    two-launch expansion) and in ``dx`` (Triton's backward expansion)."""
+    lay = mk.ImageLayout.from_spans(1, 6, [(0, 0, 2, 3)])
+    d = 64
+    ta = torch.full((4, d), 0.25, dtype=torch.float16)
+    tb = torch.full((8, 4), 1 / 160, dtype=torch.float16)
+    w = torch.full((4, d, 2, 2), 0.25, dtype=torch.float16)
+    x = torch.full((1, 6, d), 2000.0, dtype=torch.float16)
+    got = mk.moss_lora(x, lay, ta, tb, w, tb, backend=backend)
+    truth = ground_truth(x, lay, ta, tb, w, tb)
+    assert_close_rel(got, truth, TOLERANCE[torch.float16], f"{backend} float16 past 65504")
+    torch.manual_seed(0)
+    ws = [t.to(torch.float16) for t in random_adapters(32, 16, 300, 2)]
+    xm = torch.randn(1, 6, 32, dtype=torch.float64)
+    truth = ground_truth(xm, lay, *ws)
+    xm = xm.float().requires_grad_()
+    got = mk.moss_lora(xm, lay, *ws, backend=backend)
+    assert_close_rel(got, truth, TOLERANCE[torch.float32], f"{backend} mixed float32 x / float16 weights")
+    grad = torch.randn_like(got)
+    (dx,) = torch.autograd.grad(got, xm, grad)
+    x64 = xm.detach().double().requires_grad_()
+    truth64 = literal_moss_lora(x64, lay, *(t.double() for t in ws), 1.0)
+    (dx_truth,) = torch.autograd.grad(truth64, x64, grad.double())
+    assert_close_rel(dx, dx_truth, TOLERANCE[torch.float32], f"{backend} mixed dtypes, dx")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
