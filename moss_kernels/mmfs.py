@@ -32,7 +32,7 @@ from .deform_attn import mmfs_attn
 from .layout import ImageLayout
 
 __all__ = ["MMFS", "MMFSBlock", "MMFSOptions", "causal_image_ranges", "image_relpos", "mmfs_official",
-           "projection_flops"]
+           "ms_deform_attn_core_pytorch", "projection_flops"]
 
 
 def image_relpos(visible: Tensor, num_images: int) -> Tensor:
@@ -272,18 +272,20 @@ def causal_image_ranges(layout: ImageLayout, input_ids: Optional[Tensor] = None,
 
 
 # ============================================================================ the literal reference
-def _msda_core_pytorch(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
-                       attention_weights: Tensor) -> Tensor:
-    """The official pure-PyTorch core (``ms_deform_attn_core_pytorch``): ``value (N, S, H, D)``,
-    locations ``(N, Lq, H, L, P, 2)``, weights ``(N, Lq, H, L, P)`` -> ``(N, Lq, H*D)``."""
+def ms_deform_attn_core_pytorch(value: Tensor, spatial_shapes, sampling_locations: Tensor,
+                                attention_weights: Tensor) -> Tensor:
+    """The official pure-PyTorch core (Deformable-DETR's, as MM-Interleaved ships it): every level
+    through ``F.grid_sample``, then all levels stacked and weighted. ``value (N, S, H, D)``,
+    ``spatial_shapes`` rows (H_l, W_l) (a tensor or a list), locations ``(N, Lq, H, L, P, 2)``, weights
+    ``(N, Lq, H, L, P)`` -> ``(N, Lq, H*D)``. The literal reference below and the benchmark's baseline."""
+    shapes = spatial_shapes.tolist() if isinstance(spatial_shapes, Tensor) else list(spatial_shapes)
     N, _, H, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
-    sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-    values = value.split(sizes, dim=1)
+    values = value.split([int(h) * int(w) for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1
     samples = []
-    for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
-        v = values[lvl].flatten(2).transpose(1, 2).reshape(N * H, D, h, w)
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(N * H, D, int(h), int(w))
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
         samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
     a = attention_weights.transpose(1, 2).reshape(N * H, 1, Lq, L * P)
@@ -338,5 +340,5 @@ def mmfs_official(module: MMFS, query: Tensor, features: Tensor, spatial_shapes:
     normalizer = torch.stack([shapes_all[:, 1], shapes_all[:, 0]], -1).to(offsets.dtype)
     locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
     locations = locations.to(value.dtype)
-    out = _msda_core_pytorch(value, shapes_all, locations, weights) + ignore
+    out = ms_deform_attn_core_pytorch(value, shapes_all, locations, weights) + ignore
     return module.output_proj(out)

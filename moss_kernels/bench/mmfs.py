@@ -31,10 +31,10 @@ import sys
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .. import backends
 from ..deform_attn import mmfs_attn, ms_deform_attn
+from ..mmfs import ms_deform_attn_core_pytorch
 from .timing import Timer, synchronize
 
 __all__ = ["MMFSCase", "cases", "grid_sample_path", "markdown", "run_mmfs"]
@@ -88,23 +88,6 @@ def cases(quick: bool) -> list:
 
 
 # ============================================================================ the baseline
-def ms_deform_attn_core_pytorch(value, shapes, sampling_locations, attention_weights):
-    """Deformable-DETR's pure-PyTorch op, as MM-Interleaved ships it: every level through
-    ``F.grid_sample``, then all levels stacked and weighted. ``value (N, S, H, D)``."""
-    N, _, H, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
-    value_list = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    sampled = []
-    for lvl, (h, w) in enumerate(shapes):
-        v = value_list[lvl].flatten(2).transpose(1, 2).reshape(N * H, D, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(N * H, 1, Lq, L * P)
-    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1).view(N, H * D, Lq)
-    return out.transpose(1, 2).contiguous()
-
-
 def grid_sample_path(value, shapes, reference_points, sampling_offsets, attention_logits, visible, offset_scale,
                      sink=1.0):
     """MM-Interleaved's fallback for ``mmfs_attn`` (same arguments; ``visible`` a bool mask
