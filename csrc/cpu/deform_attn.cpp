@@ -177,20 +177,31 @@ inline int64_t task_grain(int64_t samples_per_task, int64_t D) {
 }
 
 // ---------------------------------------------------------------------------- ms_deform_attn
+struct MsdaShape {
+  int64_t N, S, H, D, Lq, L, P;
+};
+
+// value (N, S, H, D); loc (N, Lq, H, L, P, 2), att (N, Lq, H, L, P) in acc_t.
+MsdaShape check_msda(const at::Tensor& value, const at::Tensor& loc, const at::Tensor& att, int64_t L) {
+  check_value(value, 4);
+  TORCH_CHECK_VALUE(loc.dim() == 6, "moss_kernels native: argument 'sampling_locations' must be 6-D, got ",
+                    shape_of(loc));
+  MsdaShape s{value.size(0), value.size(1), value.size(2), value.size(3), loc.size(1), L, loc.size(4)};
+  const auto acc = acc_type(value);
+  check(loc, "sampling_locations", acc, {s.N, s.Lq, s.H, L, s.P, 2});
+  check(att, "attention_weights", acc, {s.N, s.Lq, s.H, L, s.P});
+  return s;
+}
+
 // value (N, S, H, D); loc (N, Lq, H, L, P, 2), att (N, Lq, H, L, P) in acc_t; out (N, Lq, H*D) in
 // value's dtype, written in full.
 void ms_deform_forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                        const at::Tensor& loc, const at::Tensor& att, at::Tensor out) {
   check_value(value, 4);
-  const int64_t N = value.size(0), S = value.size(1), H = value.size(2), D = value.size(3);
-  const auto lv = levels(spatial_shapes, level_start_index, S);
-  const int64_t L = static_cast<int64_t>(lv.size());
-  TORCH_CHECK_VALUE(loc.dim() == 6, "moss_kernels native: argument 'sampling_locations' must be 6-D, got ",
-                    shape_of(loc));
-  const int64_t Lq = loc.size(1), P = loc.size(4);
+  const auto lv = levels(spatial_shapes, level_start_index, value.size(1));
+  const MsdaShape sh = check_msda(value, loc, att, static_cast<int64_t>(lv.size()));
+  const int64_t N = sh.N, S = sh.S, H = sh.H, D = sh.D, Lq = sh.Lq, L = sh.L, P = sh.P;
   const auto acc = acc_type(value);
-  check(loc, "sampling_locations", acc, {N, Lq, H, L, P, 2});
-  check(att, "attention_weights", acc, {N, Lq, H, L, P});
   check(out, "out", value.scalar_type(), {N, Lq, H * D});
   MOSS_DEFORM_DISPATCH(value.scalar_type(), "moss_ms_deform_forward", [&] {
     using acc_t = acc_of<scalar_t>;
@@ -226,15 +237,10 @@ void ms_deform_backward(const at::Tensor& grad, const at::Tensor& value, const a
                         const at::Tensor& level_start_index, const at::Tensor& loc, const at::Tensor& att,
                         at::Tensor grad_value, at::Tensor grad_loc, at::Tensor grad_att) {
   check_value(value, 4);
-  const int64_t N = value.size(0), S = value.size(1), H = value.size(2), D = value.size(3);
-  const auto lv = levels(spatial_shapes, level_start_index, S);
-  const int64_t L = static_cast<int64_t>(lv.size());
-  TORCH_CHECK_VALUE(loc.dim() == 6, "moss_kernels native: argument 'sampling_locations' must be 6-D, got ",
-                    shape_of(loc));
-  const int64_t Lq = loc.size(1), P = loc.size(4);
+  const auto lv = levels(spatial_shapes, level_start_index, value.size(1));
+  const MsdaShape sh = check_msda(value, loc, att, static_cast<int64_t>(lv.size()));
+  const int64_t N = sh.N, S = sh.S, H = sh.H, D = sh.D, Lq = sh.Lq, L = sh.L, P = sh.P;
   const auto acc = acc_type(value);
-  check(loc, "sampling_locations", acc, {N, Lq, H, L, P, 2});
-  check(att, "attention_weights", acc, {N, Lq, H, L, P});
   check(grad, "grad_out", acc, {N, Lq, H * D});
   check(grad_value, "grad_value", acc, {N, S, H, D});
   check(grad_loc, "grad_locations", acc, {N, Lq, H, L, P, 2});
