@@ -199,21 +199,23 @@ def build_info() -> dict:
 
 
 @contextlib.contextmanager
-def cuda_forward_path(name: str):
+def cuda_forward_path(name: str, ext: Optional[ModuleType] = None):
     """Run the CUDA forward through path ``name`` inside the block, then restore the previous one.
 
     ``"auto"`` (the default): the one-pass fused kernel where it applies and the batch has at least
     one 64-row tile per SM, else the split path;
     ``"fused"``: the fused kernel, or an error where it cannot run (a pending state, a rank it cannot
     hold); ``"split"``: down-GEMM, shifts, up-GEMM. Process-wide (not per thread): for tests and
-    benchmarks. Any other name raises ``ValueError`` naming the argument ``'path'``.
+    benchmarks. Any other name raises ``ValueError`` naming the argument ``'path'``. ``ext``: another
+    build of the same sources (the tests' SIMT harness build), default this backend's extension.
     """
-    previous = extension.cuda_forward_path()
-    extension.set_cuda_forward_path(name)
+    ext = extension if ext is None else ext
+    previous = ext.cuda_forward_path()
+    ext.set_cuda_forward_path(name)
     try:
         yield
     finally:
-        extension.set_cuda_forward_path(previous)
+        ext.set_cuda_forward_path(previous)
 
 
 def _x_rows(x: torch.Tensor) -> torch.Tensor:
@@ -224,38 +226,40 @@ def _x_rows(x: torch.Tensor) -> torch.Tensor:
 class NativeBackend(Backend):
     """The compiled kernels; arguments and results exactly those of ``reference.forward``,
     ``reference.backward`` and ``reference.decode_step``. float32/float16/bfloat16 with float32
-    accumulation (float64 stays with the reference backend)."""
+    accumulation (float64 stays with the reference backend). ``ext``: the compiled module, default
+    this package's; the tests pass the SIMT harness build of the same sources, so the glue below is
+    what they run too."""
 
     name = "native"
+
+    def __init__(self, ext: Optional[ModuleType] = None):
+        self.ext = extension if ext is None else ext
 
     def is_available(self, device: torch.device) -> bool:
         device = torch.device(device)
         if device.type == "cpu":
             return True
-        return device.type == "cuda" and extension.with_cuda() and torch.cuda.is_available()
+        return device.type == "cuda" and self.ext.with_cuda() and torch.cuda.is_available()
 
     def supports(self, device: torch.device, dtype: torch.dtype, kernel_size: int) -> bool:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return False
-        return torch.device(device).type == "cpu" or kernel_size <= extension.max_cuda_kernel_size()
+        return torch.device(device).type == "cpu" or kernel_size <= self.ext.max_cuda_kernel_size()
 
-    @staticmethod
-    def forward(x, out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight, image_b, scale,
+    def forward(self, x, out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight, image_b, scale,
                 pending=None, state_index=None):
         si = state_index if state_index is not None else (None,) * 5
-        return extension.forward(_x_rows(x), out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight,
-                                 image_b, float(scale), pending, *si)
+        return self.ext.forward(_x_rows(x), out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight,
+                                image_b, float(scale), pending, *si)
 
-    @staticmethod
-    def backward(grad_out, x, text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b, text_h,
-                 image_z, scale, needs_x=True):
-        return extension.backward(_x_rows(grad_out), _x_rows(x), text_rows, image_rows, conv_targets, text_a, text_b,
-                                  image_weight, image_b, text_h, image_z, float(scale), bool(needs_x))
+    def backward(self, grad_out, x, text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b,
+                 text_h, image_z, scale, needs_x=True):
+        return self.ext.backward(_x_rows(grad_out), _x_rows(x), text_rows, image_rows, conv_targets, text_a, text_b,
+                                 image_weight, image_b, text_h, image_z, float(scale), bool(needs_x))
 
-    @staticmethod
-    def decode_step(x, out, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width):
-        extension.decode_step(_x_rows(x), out, text_a, text_b, image_weight, image_b, float(scale), pending,
-                              image_pos, height, width)
+    def decode_step(self, x, out, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width):
+        self.ext.decode_step(_x_rows(x), out, text_a, text_b, image_weight, image_b, float(scale), pending,
+                             image_pos, height, width)
 
     # Deformable attention (contract: deform_reference.py): CPU kernels, every float dtype.
     deform_forward = staticmethod(native_deform.ms_deform_forward)

@@ -98,41 +98,24 @@ def configure(sm_count: int = 0, smem_optin: int = 0, workers: int = 0) -> None:
 
 
 def backend():
-    """A ``Backend`` running the harness extension on CPU tensors (arguments as NativeBackend's)."""
-    from moss_kernels.backends import Backend
-    from moss_kernels.native import _x_rows as rows  # the native backend's own row-layout rule
+    """A ``Backend`` running the harness extension on CPU tensors: the native backend's own glue
+    (``NativeBackend``) over the harness build, which stands for a CUDA device."""
+    from moss_kernels.native import NativeBackend
 
-    ext = extension()
-
-    class SimtBackend(Backend):
+    class SimtBackend(NativeBackend):
         name = BACKEND
 
         def is_available(self, device: torch.device) -> bool:
             return torch.device(device).type == "cpu"
 
         def supports(self, device: torch.device, dtype: torch.dtype, kernel_size: int) -> bool:
-            return dtype in (torch.float32, torch.float16, torch.bfloat16) and kernel_size <= ext.max_cuda_kernel_size()
+            floating = dtype in (torch.float32, torch.float16, torch.bfloat16)
+            return floating and kernel_size <= self.ext.max_cuda_kernel_size()
 
-        @staticmethod
-        def forward(x, out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight, image_b, scale,
-                    pending=None, state_index=None):
-            si = state_index if state_index is not None else (None,) * 5
-            return ext.forward(rows(x), out, text_rows, image_rows, conv_sources, text_a, text_b,
-                               image_weight, image_b, float(scale), pending, *si)
+        def supports_deform(self, device: torch.device, dtype: torch.dtype) -> bool:
+            return False  # the deformable kernels are CPU-only: nothing of the harness to test there
 
-        @staticmethod
-        def backward(grad_out, x, text_rows, image_rows, conv_targets, text_a, text_b, image_weight, image_b,
-                     text_h, image_z, scale, needs_x=True):
-            return ext.backward(rows(grad_out), rows(x), text_rows, image_rows,
-                                conv_targets, text_a, text_b, image_weight, image_b, text_h, image_z, float(scale),
-                                bool(needs_x))
-
-        @staticmethod
-        def decode_step(x, out, text_a, text_b, image_weight, image_b, scale, pending, image_pos, height, width):
-            ext.decode_step(rows(x), out, text_a, text_b, image_weight, image_b, float(scale), pending,
-                            image_pos, height, width)
-
-    return SimtBackend()
+    return SimtBackend(extension())
 
 
 @contextlib.contextmanager
@@ -147,13 +130,8 @@ def registered() -> Iterator[ModuleType]:
         backends._BACKENDS.pop(BACKEND, None)
 
 
-@contextlib.contextmanager
-def forward_path(name: str) -> Iterator[None]:
+def forward_path(name: str):
     """The harness extension's CUDA forward path for the block (its own process-wide switch)."""
-    ext = extension()
-    previous = ext.cuda_forward_path()
-    ext.set_cuda_forward_path(name)
-    try:
-        yield
-    finally:
-        ext.set_cuda_forward_path(previous)
+    from moss_kernels.native import cuda_forward_path
+
+    return cuda_forward_path(name, extension())
