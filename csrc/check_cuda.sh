@@ -3,7 +3,10 @@
 #   1. every csrc/cuda/*.cu with nvcc for sm_80 and sm_90a, -Xptxas -v; prints ptxas's report per
 #      kernel (registers, shared memory, stack) and FAILS on any warning, any stack frame (local
 #      memory) or any spill;
-#   2. (when Python with torch is found) the torch side, cuda_dispatch.cpp and binding.cpp's CUDA
+#   2. instructions per matrix op in the SASS of the GEMM and the fused forward (sass_report.py,
+#      when cuobjdump is found: $CUOBJDUMP, PATH, or the copy Triton bundles), one line per kernel
+#      and arch ("sass FILE ARCH ..."), checked by tests/test_cuda_compile.py against a baseline;
+#   3. (when Python with torch is found) the torch side, cuda_dispatch.cpp and binding.cpp's CUDA
 #      path, with the host compiler in syntax-only mode against torch's headers (a CPU build of
 #      torch lacks one generated header; an empty stand-in is supplied).
 # Usage: csrc/check_cuda.sh            (env: NVCC, PYTHON, CXX; exit status 0 = clean)
@@ -70,6 +73,22 @@ for cu in "$HERE"/cuda/*.cu; do
     status=1
   fi
 done
+
+if [ -z "${CUOBJDUMP:-}" ]; then
+  CUOBJDUMP="$(command -v cuobjdump || true)"
+  [ -n "$CUOBJDUMP" ] || CUOBJDUMP="$("$PYTHON" -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends', 'nvidia', 'bin', 'cuobjdump'))" 2>/dev/null || true)"
+fi
+if [ -n "$CUOBJDUMP" ] && [ -x "$CUOBJDUMP" ]; then
+  for obj in "$TMP/gemm.cu.o" "$TMP/fused_forward.cu.o"; do
+    [ -f "$obj" ] || continue
+    if ! "${PYTHON3:-python3}" "$HERE/sass_report.py" --cuobjdump "$CUOBJDUMP" "$obj"; then
+      echo "check_cuda: FAIL: sass_report.py on $(basename "$obj")"
+      status=1
+    fi
+  done
+else
+  echo "check_cuda: no cuobjdump (set CUOBJDUMP); skipped the SASS report"
+fi
 
 if "$PYTHON" -c "import torch" >/dev/null 2>&1; then
   mapfile -t INC < <("$PYTHON" -c "import torch.utils.cpp_extension as c; print('\n'.join('-I' + p for p in c.include_paths()))")

@@ -281,9 +281,10 @@ void cuda_decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& te
   a.width = width.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(a.k <= cuda::kMaxKernelSize, "moss_kernels native (CUDA): decode takes kernel sizes up to ",
                     cuda::kMaxKernelSize, ", got ", a.k);
-  TORCH_CHECK_VALUE(a.r <= 512, "moss_kernels native (CUDA): decode takes ranks up to 512, got ", a.r);
-  TORCH_CHECK_VALUE(a.r_text <= 12288, "moss_kernels native (CUDA): decode takes text ranks up to 12288, got ",
-                    a.r_text);
+  // Weight-stationary (cuda/decode.cu): the weights are read in place (no stacked copy), any rank;
+  // the fp32 scratch (d_in partial sums, z) comes from the caching allocator, so capture-safe.
+  const at::Tensor workspace = at::empty({cuda::decode_workspace_floats(a)}, x.options().dtype(at::kFloat));
+  a.workspace = workspace.data_ptr<float>();
   cuda::decode_step(a, stream());
   check_launch();
   if (!ring.is_same(pending)) pending.copy_(ring);

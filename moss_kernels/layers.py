@@ -200,30 +200,50 @@ class MossLinear(nn.Module):
         states = ctx.states
         route = ctx.step if self.image_A is not None else states.text_step()  # "lora": no routing
         state = states.state_for(self)
-        xs, ys = self.dropout(x).reshape(B, -1), y.view(B, -1)
-        weights = (self.text_A, self.text_B, self.image_A, self.image_B)
+        xs = (self.dropout(x) if self.training else x).reshape(B, -1)  # dropout is the identity in eval
+        ys = y.view(B, -1)
         # The first step of a layer on a cache (and every traced step) goes through moss_lora_step and all
-        # its checks; later eager steps call its op directly with what those checks established (the
+        # its checks; later eager steps call the backend directly with what those checks established (the
         # backend, the same weight tensors and state; the positions are checked once per step for every
-        # layer by MossStates.step): ~0.2 ms of Python per layer call less on a CPU.
-        known = None if torch.compiler.is_compiling() else states.checked.get(self)
-        if known is not None and known[0] == tuple(map(id, weights)) and known[1] is state and ys.is_contiguous():
-            pending = state.pending if state is not None else known[3]
-            _ops._step_call(ys, xs, *weights, self.scale, pending, route.image_pos, route.height, route.width,
-                            known[2])
+        # layer by MossStates.step): the per-call Python of a step is then about PEFT LoRA's.
+        plan = None if torch.compiler.is_compiling() else states.checked.get(self)
+        if (plan is not None and plan.text_A is self.text_A and plan.text_B is self.text_B
+                and plan.image_A is self.image_A and plan.image_B is self.image_B and plan.state is state
+                and ys.is_contiguous() and not _autocast_on()):
+            pending = state.pending if state is not None else plan.pending
+            plan.step(xs, ys, self.text_A, self.text_B, self.image_A, self.image_B, self.scale, pending,
+                      route.image_pos, route.height, route.width)
             return y
-        moss_lora_step(xs, *weights, self.scale, state, route.image_pos, route.height, route.width, out=ys,
-                       backend=self.backend)
+        moss_lora_step(xs, self.text_A, self.text_B, self.image_A, self.image_B, self.scale, state, route.image_pos,
+                       route.height, route.width, out=ys, backend=self.backend)
         if not torch.compiler.is_compiling():
             k = self.kernel_size if self.image_A is not None else 1
             name = backends.resolve(self.backend, x.device, _ops._case_dtype(x, self.text_A, self.image_A), k)
-            states.checked[self] = (tuple(map(id, weights)), state, name,
-                                    x.new_zeros(B, 0, 1, dtype=torch.float32))
+            states.checked[self] = _StepPlan(self.text_A, self.text_B, self.image_A, self.image_B, state,
+                                             x.new_zeros(B, 0, 1, dtype=torch.float32),
+                                             backends.get_backend(name).decode_step)
         return y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, adapter={self.adapter!r}, "
                 f"rank={self.rank}, alpha={self.alpha}, kernel_size={self.kernel_size}")
+
+
+class _StepPlan(NamedTuple):
+    """What a layer's first checked decoding step on a cache established (``MossStates.checked``)."""
+
+    text_A: Optional[torch.Tensor]
+    text_B: Optional[torch.Tensor]
+    image_A: Optional[torch.Tensor]
+    image_B: Optional[torch.Tensor]
+    state: Optional[ConvLoRAState]
+    pending: torch.Tensor  # the empty ring of layers without a conv
+    step: object  # the backend's decode_step
+
+
+def _autocast_on() -> bool:
+    """Whether an autocast region is active (the ops then go through ``moss_lora_step``, which turns it off)."""
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
 
 
 class _Looked(NamedTuple):

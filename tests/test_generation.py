@@ -8,13 +8,13 @@ import copy
 import inspect
 import io
 import pickle
-import sys
 import warnings
 
 import pytest
 import torch
 
 import moss_kernels as mk
+from moss_kernels import backends
 from moss_kernels.layout import ImageLayout
 from moss_kernels.model import adapted_layers
 from moss_kernels.model.decoder import DecoderConfig, MossDecoder, generate
@@ -22,7 +22,6 @@ from moss_kernels.model.providers import BoiGridProvider, Tracker
 from moss_kernels.testing import TOLERANCE, assert_close_rel, randomize_adapters
 
 GRID = (3, 4)
-mk_ops = sys.modules[mk.moss_lora.__module__]  # the module moss_kernels.conv_lora
 BACKENDS = [b for b in ("reference", "native", "triton") if b in mk.available_backends("cpu")]
 
 
@@ -45,21 +44,23 @@ def make_model(adapter="moss", backend=None, routing="input", kernel_size=2, see
 
 
 class StepSpy:
-    """Counts calls of the step op (``moss::lora_step_``, through ``moss_lora_step`` or directly) and
-    forbids host reads of tensors in the model path of a decoding step (the CPU-only argument checks
-    excepted: on a GPU they run on the device)."""
+    """Counts calls of the backends' decode step (through ``moss_lora_step``'s op, or directly from a
+    layer's checked plan) and forbids host reads of tensors in the model path of a decoding step (the
+    CPU-only argument checks excepted: on a GPU they run on the device)."""
 
     ALLOWED = frozenset({("conv_lora.py", "_check_positions"), ("cache.py", "_check_step")})
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        orig = mk_ops._step_call
+        for cls in {type(be) for be in backends._BACKENDS.values()}:
+            orig = cls.decode_step  # the function, for methods and staticmethods alike
 
-        def counting(*a, **k):
-            self.calls += 1
-            return orig(*a, **k)
+            def counting(*a, _orig=orig, **k):
+                self.calls += 1
+                return _orig(*a, **k)
 
-        monkeypatch.setattr(mk_ops, "_step_call", counting)
+            static = isinstance(inspect.getattr_static(cls, "decode_step"), staticmethod)
+            monkeypatch.setattr(cls, "decode_step", staticmethod(counting) if static else counting)
         self.monkeypatch = monkeypatch
         self.armed = False
         for name in ("tolist", "item", "nonzero", "__bool__", "__int__"):

@@ -37,8 +37,10 @@ LAYOUTS = {
     # runs of >= 64 consecutive rows go to BLAS in place (fp32), shorter ones are gathered: text
     # [92, 190) and [200+100, 400), images [5, 77) and [200, 300) are long; the rest short
     "long_runs": (2, 200, 24, 20, 6, 8, [(0, 5, 9, 8), (0, 80, 3, 4), (0, 190, 3, 4), (1, 0, 10, 10)]),
-    # a wide batch: a decode step has 12 image rows and 8 text rows, enough for its BLAS path
+    # a wide batch: a decode step has 12 image rows and 8 text rows (the step's dot loops)
     "wide_batch": (20, 12, 16, 12, 4, 8, [(b, 0, 3, 4) for b in range(12)]),
+    # wider: 34 image rows, enough for the step's BLAS path (MOSS_DECODE_BLAS_ROWS, 32)
+    "widest_batch": (38, 6, 12, 10, 4, 6, [(b, 0, 2, 3) for b in range(34)]),
 }
 
 
@@ -217,9 +219,9 @@ def test_chunked_prefill_equals_full_forward(name, k):
             assert torch.allclose(states["native"].pending, states["reference"].pending, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd", "wide_batch"])
+@pytest.mark.parametrize("name", ["mixed", "columns", "rows", "odd", "wide_batch", "widest_batch"])
 def test_decode_steps_equal_full_forward_and_reference(name, dtype, k):
     layout, x, weights = make_case(name, dtype, k, seed=13)
     B, S, _ = x.shape
@@ -240,6 +242,22 @@ def test_decode_steps_equal_full_forward_and_reference(name, dtype, k):
             assert rel(got["native"], base.float() + full[:, t].float()) <= tol
             assert rel(got["native"], got["reference"]) <= (1e-6 if dtype == torch.float32 else 1e-2)
             assert torch.allclose(states["native"].pending, states["reference"].pending, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_decode_steps_on_every_vector_isa(isa):
+    """The step's dot loops are compiled once per ISA and picked at run time; MOSS_CPU_ISA caps the
+    pick, so the decode ground-truth tests above run here on the clones this CPU would not choose."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                           "test_decode_steps_equal_full_forward_and_reference and not float16",
+                           os.path.join(here, "test_native.py")],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "MOSS_CPU_ISA": isa})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout, proc.stdout[-2000:]
 
 
 def test_decode_text_rows_leave_the_ring_alone():

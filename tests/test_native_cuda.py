@@ -257,14 +257,15 @@ def test_simt_fused_forward_respects_a_smaller_shared_memory_limit(target):
 def test_simt_runs_the_dispatch_launch_sequences(target):
     """On the harness, count what cuda_dispatch.cpp launched: the fused path is one fused launch, the
     split path two GEMMs per modality and the shift; the backward six GEMMs (image) + the tap fill;
-    a decode step one launch. What ran is the GPU build's dispatch code, not a copy."""
+    a decode step three (weight-stationary down-projection, slice reduction + ring, up-projection).
+    What ran is the GPU build's dispatch code, not a copy."""
     if not target.simt:
         pytest.skip("launch counts are read from the harness")
     layout, x, weights = make_case(target, "mixed", torch.float32, 2, 8, seed=4)
 
     def counts():
         return {k: simt.launches(k) for k in ("fused_forward_kernel", "gemm_kernel", "shift_sum_kernel",
-                                              "fill_taps_kernel", "decode_kernel")}
+                                              "fill_taps_kernel", "decode_")}
 
     def delta(before):
         return {k: v - before[k] for k, v in counts().items()}
@@ -273,24 +274,28 @@ def test_simt_runs_the_dispatch_launch_sequences(target):
     with torch.no_grad():
         forward(target, "fused", x, layout, weights)
     assert delta(before) == {"fused_forward_kernel": 1, "gemm_kernel": 0, "shift_sum_kernel": 0,
-                             "fill_taps_kernel": 0, "decode_kernel": 0}
+                             "fill_taps_kernel": 0, "decode_": 0}
     before = counts()
     with torch.no_grad():
         forward(target, "split", x, layout, weights)
     assert delta(before) == {"fused_forward_kernel": 0, "gemm_kernel": 4, "shift_sum_kernel": 1,
-                             "fill_taps_kernel": 0, "decode_kernel": 0}
+                             "fill_taps_kernel": 0, "decode_": 0}
     xg = x.clone().requires_grad_()
     out = forward(target, "split", xg, layout, weights)
     before = counts()
     out.backward(torch.ones_like(out))
     assert delta(before) == {"fused_forward_kernel": 0, "gemm_kernel": 8, "shift_sum_kernel": 0,
-                             "fill_taps_kernel": 1, "decode_kernel": 0}
+                             "fill_taps_kernel": 1, "decode_": 0}
     B = x.shape[0]
     state = mk.ConvLoRAState(B, 8, 2, device=target.dev, max_width=max(layout.max_width, 1))
     pos, hh, ww = (p[0] for p in layout.step_positions(target.dev))
     before = counts()
+    kernels = ("decode_down_kernel", "decode_reduce_kernel", "decode_up_kernel")
+    each = {k: simt.launches(k) for k in kernels}
     mk.moss_lora_step(x[:, 0], *weights, SCALE, state, pos, hh, ww, backend=target.backend)
-    assert delta(before)["decode_kernel"] == 1
+    assert delta(before) == {"fused_forward_kernel": 0, "gemm_kernel": 0, "shift_sum_kernel": 0,
+                             "fill_taps_kernel": 0, "decode_": 3}
+    assert all(simt.launches(k) - each[k] == 1 for k in kernels)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])

@@ -53,7 +53,11 @@ needs_asan = pytest.mark.skipif(not _sanitizer_works("address,undefined"), reaso
 
 # Every kernel entry point of csrc/include/moss_cuda.h the driver checks (moss_cuda.h's functions:
 # gemm, fused_forward, shift_sum, state_update, fill_taps, decode_step).
-KERNEL_CHECKS = 53
+# decode: 3 dtypes x k 1..4 x (d_in 45, d_in 144) + 3 at k = 4 with batch 40 + rank 600, out and ring each
+DECODE_CHECKS = 56
+# the rest: gemm 18 (every operand layout the dispatch passes, vector-aligned and not, mixed
+# operand types), fused 18, shift / state / fill_taps 4
+KERNEL_CHECKS = 40 + DECODE_CHECKS
 
 
 def _passes(proc: subprocess.CompletedProcess, label: str) -> None:
@@ -70,6 +74,14 @@ def test_kernels_match_float64_loops(mode):
     proc = build.run(driver(mode), "kernels")
     _passes(proc, mode)
     assert sum(line.startswith("ok ") for line in proc.stdout.splitlines()) == KERNEL_CHECKS, proc.stdout
+
+
+def test_decode_with_the_sms_of_an_h100():
+    """The decode step's d_in split follows the SM count (132: more slices per rank tile than the
+    default 8); the results still match the float64 loops."""
+    proc = build.run(driver("plain"), "kernels", "decode", env={"SIMT_SM_COUNT": "132"})
+    _passes(proc, "132 SMs")
+    assert sum(line.startswith("ok ") for line in proc.stdout.splitlines()) == DECODE_CHECKS, proc.stdout
 
 
 def test_offsets_past_2_31_elements():
@@ -131,20 +143,25 @@ def test_half_bf16_conversions_are_cudas(tmp_path):
 # ---------------------------------------------------------------------------------------- mutants
 # (name, file under csrc/cuda, text, replacement, build mode, driver arguments, what must show)
 MUTANTS = [
-    ("gemm: no barrier between the tile loads and the MMAs", "gemm.cu",
-     "    load_tile<BK, BN, BN + PAD>(tiles.b, b, k0, n0, k, n);\n    __syncthreads();\n",
-     "    load_tile<BK, BN, BN + PAD>(tiles.b, b, k0, n0, k, n);\n", "plain", ("kernels", "gemm"), "FAIL"),
-    ("gemm: no barrier before the next slab overwrites the tiles", "gemm.cu",
-     "    math.step(tiles);\n    __syncthreads();\n  }", "    math.step(tiles);\n  }", "tsan", ("kernels", "gemm"),
-     "ThreadSanitizer: data race"),
-    ("tile loads: off-by-one row bound", "tile_gemm.cuh", "if (gi < rows && gj < cols) {",
-     "if (gi <= rows && gj < cols) {", "asan", ("kernels", "gemm"), "AddressSanitizer"),
+    ("gemm: no barrier between the tile loads and the MMAs", "tile_gemm.cuh",
+     "everyone's\n    __syncthreads();\n", "everyone's\n", "plain", ("kernels", "gemm"), "FAIL"),
+    ("gemm: no barrier before the next slab overwrites the tiles", "tile_gemm.cuh",
+     "    __syncthreads();  // nobody reads slab s any more", "    // nobody reads slab s any more", "tsan",
+     ("kernels", "gemm"), "ThreadSanitizer: data race"),
+    ("cp.async: the MMAs read a slab whose copies were not waited for", "tile_gemm.cuh", "cp_async_wait<1>();",
+     "cp_async_wait<2>();", "plain", ("kernels", "gemm"), "FAIL"),
+    ("tile loads: off-by-one row bound", "tile_gemm.cuh", "if (KC && gmn < s.mn_ext) {",
+     "if (KC && gmn <= s.mn_ext) {", "asan",
+     ("kernels", "gemm"), "AddressSanitizer"),
     ("tile epilogue: 32-bit output offset", "tile_gemm.cuh", "const int64_t off = row * c.ld + gj;",
      "const int off = static_cast<int>(row * c.ld + gj);", "plain", ("huge",), None),
-    ("wmma: ldm not a multiple of 16 bytes", "tile_gemm.cuh", "constexpr int PAD = 8;", "constexpr int PAD = 4;",
-     "plain", ("kernels", "gemm"), "is not a positive multiple of 16 bytes"),
-    ("tile loads: the tail past the matrix left unzeroed", "tile_gemm.cuh", "    dst[i][j] = from_float<CT>(v);",
-     "    if (gi < rows && gj < cols) dst[i][j] = from_float<CT>(v);", "plain", ("kernels", "gemm"), "FAIL"),
+    ("shared rows: a padding that breaks 16-byte rows (cp.async, wmma ldm)", "tile_gemm.cuh",
+     "constexpr int PAD = 8;", "constexpr int PAD = 4;",
+     "plain", ("kernels", "gemm"), "is not 16-byte aligned"),
+    ("tile loads: the tail past the matrix left unzeroed", "tile_gemm.cuh",
+     "          cp_async16(stage.at(chunk_mn(q), chunk_k(q)), g, bytes);",
+     "          if (bytes > 0) cp_async16(stage.at(chunk_mn(q), chunk_k(q)), g, bytes);", "plain",
+     ("kernels", "gemm"), "FAIL"),
     ("fused forward: no shared-memory attribute", "fused_forward.cu", "if (!grant_smem<CT>(device, bytes)) {",
      "if (false && !grant_smem<CT>(device, bytes)) {", "plain", ("kernels", "fused"),
      "above the kernel's limit"),
@@ -155,10 +172,17 @@ MUTANTS = [
      "        src_row[threadIdx.x] = src;\n      }\n      __syncthreads();\n",
      "        src_row[threadIdx.x] = src;\n        __syncthreads();\n      }\n", "plain", ("kernels", "fused"),
      "divergent __syncthreads"),
-    ("decode: no barrier between the taps and the ring update", "decode.cu",
-     "a.d_in, r, taps);\n  __syncthreads();\n", "a.d_in, r, taps);\n", "plain", ("kernels", "decode"), "FAIL"),
-    ("warp sum: a shuffle mask of half the warp", "common.cuh", "__shfl_xor_sync(0xffffffffu, v, s)",
-     "__shfl_xor_sync(0x0000ffffu, v, s)", "plain", ("kernels", "decode"), "which is not in the mask"),
+    ("decode: the ring update without the last d_in slice's sums", "decode.cu",
+     "for (int64_t s = 0; s < p.image.slices; ++s)", "for (int64_t s = 0; s + 1 < p.image.slices; ++s)", "plain",
+     ("kernels", "decode"), "FAIL"),
+    ("decode: every lane holding a sum writes its shared slot", "decode.cu",
+     "const bool owner = lane % (32 / NP) == 0 && mine < N;", "const bool owner = mine < N;", "tsan",
+     ("kernels", "decode"), "ThreadSanitizer: data race"),
+    ("decode: 16-byte loads of rows no vector can read", "decode.cu",
+     "return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16 == 0",
+     "return true || (reinterpret_cast<uintptr_t>(p) % 16 == 0", "asan", ("kernels", "decode"), "misaligned"),
+    ("warp sums: a shuffle mask of half the warp", "decode.cu", "__shfl_xor_sync(0xffffffffu, send, OFF)",
+     "__shfl_xor_sync(0x0000ffffu, send, OFF)", "plain", ("kernels", "decode"), "which is not in the mask"),
     ("shift: a state write past the slot's channels", "shift.cu", "out[row * r + c] = sum;",
      "out[row * r + c + 1] = sum;", "asan", ("kernels", "shift"), "AddressSanitizer"),
 ]

@@ -46,10 +46,12 @@ FWD = importlib.import_module("moss_kernels.triton_kernels.forward")
 DEC = importlib.import_module("moss_kernels.triton_kernels.decode")
 
 
-@pytest.fixture(params=["split", "one-launch"])
+@pytest.fixture(params=["one-slice", "many-slices"])
 def decode_mode(request, monkeypatch):
-    """Both decode paths: the split step (small batches) and the one-launch kernel (large batches)."""
-    monkeypatch.setattr(DEC, "SPLIT_BATCH_MAX", 10**9 if request.param == "split" else 0)
+    """Both ends of the decode split: one program per rank block (the whole of ``d_in``), and ``d_in``
+    cut into as many slices as it allows (partial sums reduced across slices)."""
+    target = 1 if request.param == "one-slice" else 10**4
+    monkeypatch.setattr(DEC, "program_target", lambda device: target)
     return request.param
 
 
@@ -328,7 +330,7 @@ def test_prefill_then_decode_matches_full_forward_and_reference_step(seed, k, dt
 
 
 def test_decode_step_adds_into_out_and_handles_strided_x_and_large_batch(decode_mode):
-    """More sequences than one program holds (BLOCK_B), rows of x read with a stride, rank > one split tile."""
+    """More sequences than one pass holds (BLOCK_B = 16), rows of x read with a stride, rank > one rank block."""
     B, W, H = 21, 3, 3
     g = torch.Generator().manual_seed(46)
     ad = tuple(t.to(DEVICE) for t in random_adapters(10, 8, 40, 2, generator=g))
@@ -373,7 +375,7 @@ def test_every_kernel_compiles_for_hopper_without_spilling():
 
 
 def test_decode_step_large_rank(decode_mode):
-    """r = 260: 9 rank tiles per modality in the split step (the one-launch kernel defers to it)."""
+    """r = 260: a partial last rank block in the shrink (17 blocks of 16) and in the ring (9 tiles of 32)."""
     B, W, H = 3, 2, 2
     g = torch.Generator().manual_seed(48)
     ad = tuple(t.to(DEVICE) for t in random_adapters(6, 5, 260, 2, generator=g))

@@ -223,17 +223,12 @@ def expand(
     )
 
 
-def stacked(image_weight: torch.Tensor, copy: bool = True) -> torch.Tensor:
-    """``(r, d_in, k, k)`` -> ``(k*k, r, d_in)``, tap ``a*k+b`` major.
-
-    ``copy=True``: contiguous, each tap's rows read along ``d_in`` with unit stride (a copy of the
-    weight, never of activations; the GEMMs re-read it many times). ``copy=False``: a strided view of
-    a contiguous weight (``d_in`` stride ``k*k``), for the decode step, which reads it once and must
-    not pay a copy every step (all taps of a column block are read by one program, so every sector
-    fetched is used)."""
+def stacked(image_weight: torch.Tensor) -> torch.Tensor:
+    """``(r, d_in, k, k)`` -> ``(k*k, r, d_in)``, tap ``a*k+b`` major, contiguous: each tap's rows read
+    along ``d_in`` with unit stride (a copy of the weight, never of activations; the GEMMs re-read it
+    many times). The decode step reads the weight in place instead (``decode.py``)."""
     r, d_in, k, _ = image_weight.shape
-    view = image_weight.permute(2, 3, 0, 1).reshape(k * k, r, d_in)
-    return view.contiguous() if copy else view
+    return image_weight.permute(2, 3, 0, 1).reshape(k * k, r, d_in).contiguous()
 
 
 def forward(x, out, text_rows, image_rows, conv_sources, text_a, text_b, image_weight, image_b, scale,

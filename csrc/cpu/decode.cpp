@@ -1,135 +1,208 @@
 // CPU decode step: one token per sequence. The host reads image_pos directly (it is a CPU tensor),
 // so text and image rows are split once and each adapter runs only over its own rows.
 //
-// A step is a handful of GEMVs bound by reading the weights once; BLAS calls on a few rows cost
-// more in packing and thread start-up than the arithmetic (measured ~90 us per 4 x 1024 x 64 mm),
-// so the products here are plain dot loops over weight rows in their own layout.
+// A step is a handful of GEMVs bound by reading the weights once. The conv's down-projection reads
+// the weight in its own (r, d_in, k, k) layout, every tap at once, with the dot loops below (no
+// restacked copy per call, none cached either: nothing to invalidate when the weights change).
+// Plain linear products (text adapter, up-projections) with fp32 weights go to BLAS, which reads
+// them in place too (measured on a Xeon, one thread: 2 x 1024 x 64 in 5 us through MKL, 20 us
+// through the dot loops, whose per-row horizontal sums dominate on rows of length r).
 #include "cpu_ops.h"
 #include "rows.h"
 #include "../include/moss_index.h"
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #ifndef MOSS_DECODE_BLAS_ROWS
-#define MOSS_DECODE_BLAS_ROWS 8
+#define MOSS_DECODE_BLAS_ROWS 32
 #endif
 
 namespace moss::cpu {
 
-// Eight floats as one GCC vector: a ymm register in the AVX2 clone, two xmm in the baseline one.
-// Explicit vectors keep the accumulators in registers (plain float arrays ended up on the stack).
-typedef float v8f __attribute__((vector_size(32)));
-
-[[gnu::always_inline]] inline v8f load8(const float* p) {
-  v8f v;
+// One weight row w (length len) against the expanded rows xe: lane q of a vector of L consecutive
+// elements holds tap q % kk (L is a multiple of kk), so the taps stay apart until the end.
+//
+// The kernel streams the weights once (the step is bound by their bytes): O weight rows and RB
+// rows of xe per pass, O x RB x NV vector accumulators in registers (enough independent FMA chains
+// to hide their latency; one accumulator per row was latency-bound). Each load of a weight vector
+// serves RB rows and each load of xe serves O weight rows.
+template <typename V>
+[[gnu::always_inline]] inline V loadv(const float* p) {
+  V v;
   __builtin_memcpy(&v, p, sizeof v);
   return v;
 }
 
-// For one weight row w (length len) and rows b0 .. b0+RB-1 of xe: out[(b * kk + tap) * n_out] =
-// sum over j = tap (mod kk) of w[j] * xe[b, j]. L lanes (a multiple of 8 and of kk) per row; RB
-// rows share each load of w.
-template <int L, int RB>
-[[gnu::always_inline]] inline void dot_rows(const float* __restrict w, const float* __restrict xe, int64_t len,
-                                            int64_t kk, float* __restrict out, int64_t n_out, int64_t b0) {
-  constexpr int V = L / 8;
-  v8f acc[RB][V] = {};
+template <typename V, int NV, int O, int RB>
+[[gnu::always_inline]] inline void dot_block(const float* __restrict w, int64_t ldw, const float* __restrict xe,
+                                             int64_t len, int64_t kk, float* __restrict out, int64_t n_out,
+                                             int64_t o0, int64_t b0) {
+  constexpr int W = sizeof(V) / sizeof(float), L = W * NV;
+  V acc[RB][O][NV] = {};
   const float* x = xe + b0 * len;
   int64_t j = 0;
   for (; j + L <= len; j += L) {
 #pragma GCC unroll 16
-    for (int v = 0; v < V; ++v) {
-      const v8f wv = load8(w + j + 8 * v);
-#pragma GCC unroll 4
-      for (int rb = 0; rb < RB; ++rb) acc[rb][v] += wv * load8(x + rb * len + j + 8 * v);
+    for (int v = 0; v < NV; ++v) {
+      V wv[O];
+#pragma GCC unroll 8
+      for (int q = 0; q < O; ++q) wv[q] = loadv<V>(w + q * ldw + j + W * v);
+#pragma GCC unroll 8
+      for (int rb = 0; rb < RB; ++rb) {
+        const V xv = loadv<V>(x + rb * len + j + W * v);
+#pragma GCC unroll 8
+        for (int q = 0; q < O; ++q) acc[rb][q][v] += wv[q] * xv;
+      }
     }
   }
-  float lanes[RB][L];
+  float lanes[RB][O][L];
   for (int rb = 0; rb < RB; ++rb)
-    for (int v = 0; v < V; ++v) __builtin_memcpy(&lanes[rb][8 * v], &acc[rb][v], sizeof(v8f));
-  for (int q = 0; j + q < len; ++q)
-    for (int rb = 0; rb < RB; ++rb) lanes[rb][q] += w[j + q] * x[rb * len + j + q];
+    for (int q = 0; q < O; ++q)
+      for (int v = 0; v < NV; ++v) __builtin_memcpy(&lanes[rb][q][W * v], &acc[rb][q][v], sizeof(V));
+  for (int64_t t = 0; j + t < len; ++t)
+    for (int rb = 0; rb < RB; ++rb)
+      for (int q = 0; q < O; ++q) lanes[rb][q][t] += w[q * ldw + j + t] * x[rb * len + j + t];
   for (int rb = 0; rb < RB; ++rb)
-    for (int64_t tap = 0; tap < kk; ++tap) {
-      float sum = 0.0f;
-      for (int64_t q = tap; q < L; q += kk) sum += lanes[rb][q];
-      out[((b0 + rb) * kk + tap) * n_out] = sum;
-    }
+    for (int q = 0; q < O; ++q)
+      for (int64_t tap = 0; tap < kk; ++tap) {
+        float sum = 0.0f;
+        for (int64_t l = tap; l < L; l += kk) sum += lanes[rb][q][l];
+        out[((b0 + rb) * kk + tap) * n_out + o0 + q] = sum;
+      }
 }
 
-template <int L>
-[[gnu::always_inline]] inline void row_dot_body(const float* __restrict w, const float* __restrict xe, int64_t m,
-                                                int64_t len, int64_t kk, float* __restrict out, int64_t n_out) {
-  constexpr int RB = L <= 16 ? 4 : 1;  // RB * L / 8 accumulators must fit the 16 vector registers
-  int64_t b = 0;
-  for (; b + RB <= m; b += RB) dot_rows<L, RB>(w, xe, len, kk, out, n_out, b);
-  for (; b < m; ++b) dot_rows<L, 1>(w, xe, len, kk, out, n_out, b);
+// Weight rows [o0, o0 + O) against rows [b, m) of xe: blocks of RB rows, the remainder as one block
+// of fewer rows (m = 2 is one pass over the weights, not two).
+template <typename V, int NV, int O, int RB>
+[[gnu::always_inline]] inline void dot_rows_of(const float* w, int64_t ldw, const float* xe, int64_t b, int64_t m,
+                                               int64_t len, int64_t kk, float* out, int64_t n_out, int64_t o0) {
+  for (; b + RB <= m; b += RB) dot_block<V, NV, O, RB>(w, ldw, xe, len, kk, out, n_out, o0, b);
+  if constexpr (RB > 1)
+    if (b < m) dot_rows_of<V, NV, O, RB - 1>(w, ldw, xe, b, m, len, kk, out, n_out, o0);
 }
 
-// The same body compiled twice on x86-64: for AVX2+FMA (chosen at run time) and for the baseline
-// ISA the extension is built for (no -march flags, so that a cached build runs on any CPU).
-template <int L>
-void row_dot_base(const float* w, const float* xe, int64_t m, int64_t len, int64_t kk, float* out, int64_t n_out) {
-  row_dot_body<L>(w, xe, m, len, kk, out, n_out);
+// O * RB * NV accumulators plus O + 1 loaded vectors within the vector registers: 16 in AVX2
+// (blocks of 4 weight rows x 2 rows), 32 in AVX-512 (8 x 2).
+template <typename V, int O, int NV>
+constexpr int kRowBlock = O * NV > 8 * sizeof(V) / 32 ? 1 : 2;
+
+template <typename V, int NV>
+[[gnu::always_inline]] inline void dot_body(const float* w, int64_t ldw, int64_t rows, const float* xe, int64_t m,
+                                            int64_t len, int64_t kk, float* out, int64_t n_out, int64_t o0) {
+  // Weight rows per pass: more rows in flight keep more of the memory system busy (measured on a
+  // Xeon, one thread, 40 cold 64 x 4096 weights: 19 GB/s with 4 rows, 24 GB/s with 8).
+  constexpr int O = NV == 1 ? 4 * sizeof(V) / 32 : 1;
+  int64_t o = 0;
+  for (; o + O <= rows; o += O)
+    dot_rows_of<V, NV, O, kRowBlock<V, O, NV>>(w + o * ldw, ldw, xe, 0, m, len, kk, out, n_out, o0 + o);
+  for (; o < rows; ++o) dot_rows_of<V, NV, 1, kRowBlock<V, 1, NV>>(w + o * ldw, ldw, xe, 0, m, len, kk, out, n_out, o0 + o);
+}
+
+// The same body compiled for each ISA (chosen at run time) and for the baseline ISA the extension is
+// built for (no -march flags, so that a cached build runs on any CPU). NV vectors per lane group:
+// L = lanes per vector x NV must be a multiple of kk.
+using DotFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*, int64_t,
+                       int64_t);
+typedef float v8f __attribute__((vector_size(32)));
+
+template <int NV>
+void dot_base(const float* w, int64_t ldw, int64_t rows, const float* xe, int64_t m, int64_t len, int64_t kk,
+              float* out, int64_t n_out, int64_t o0) {
+  dot_body<v8f, NV>(w, ldw, rows, xe, m, len, kk, out, n_out, o0);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
-template <int L>
-[[gnu::target("avx2,fma")]] void row_dot_avx2(const float* w, const float* xe, int64_t m, int64_t len, int64_t kk,
-                                              float* out, int64_t n_out) {
-  row_dot_body<L>(w, xe, m, len, kk, out, n_out);
+typedef float v16f __attribute__((vector_size(64)));
+
+template <int NV>
+[[gnu::target("avx2,fma")]] void dot_avx2(const float* w, int64_t ldw, int64_t rows, const float* xe, int64_t m,
+                                          int64_t len, int64_t kk, float* out, int64_t n_out, int64_t o0) {
+  dot_body<v8f, NV>(w, ldw, rows, xe, m, len, kk, out, n_out, o0);
 }
 
-template <int L>
-auto pick_row_dot() {
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return avx2 ? &row_dot_avx2<L> : &row_dot_base<L>;
-}
-#else
-template <int L>
-auto pick_row_dot() {
-  return &row_dot_base<L>;
+template <int NV>
+[[gnu::target("avx512f,fma")]] void dot_avx512(const float* w, int64_t ldw, int64_t rows, const float* xe,
+                                               int64_t m, int64_t len, int64_t kk, float* out, int64_t n_out,
+                                               int64_t o0) {
+  dot_body<v16f, NV>(w, ldw, rows, xe, m, len, kk, out, n_out, o0);
 }
 #endif
 
+// The widest vector ISA to use: 2 = AVX-512, 1 = AVX2+FMA, 0 = the baseline build. MOSS_CPU_ISA
+// ("avx2" or "baseline") caps it, so that the tests run every clone on one machine.
+inline int vector_isa() {
+  static const int isa = [] {
+    int best = 0;
+#if defined(__x86_64__) || defined(__i386__)
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = __builtin_cpu_supports("avx512f") ? 2 : 1;
+#endif
+    const char* cap = std::getenv("MOSS_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0) best = std::min(best, 1);
+    if (cap != nullptr && std::strcmp(cap, "baseline") == 0) best = 0;
+    return best;
+  }();
+  return isa;
+}
+
+// The kernel for kk taps per lane group, or null (k >= 5 takes the scalar loop).
+inline DotFn pick_dot(int64_t kk) {
+  const int isa = vector_isa();
+#if defined(__x86_64__) || defined(__i386__)
+  if (isa == 2 && (kk == 1 || kk == 4 || kk == 16)) return &dot_avx512<1>;  // 16 lanes
+  if (isa == 2 && kk == 9) return &dot_avx512<9>;                            // 144 lanes
+  if (isa >= 1 && (kk == 1 || kk == 4)) return &dot_avx2<1>;
+  if (isa >= 1 && kk == 16) return &dot_avx2<2>;
+  if (isa >= 1 && kk == 9) return &dot_avx2<9>;  // 72 lanes
+#endif
+  if (kk == 1 || kk == 4) return &dot_base<1>;
+  if (kk == 16) return &dot_base<2>;
+  if (kk == 9) return &dot_base<9>;
+  return nullptr;
+}
+
 // out[(b * kk + tap) * n_out + o] = sum_i X[b, i] * w[o, i * kk + tap] for the m rows of X
-// ((m, len / kk) fp32); w: (n_out, len), any floating dtype. kk = 1 is a plain X w^T; kk = k*k
-// reads a conv weight (r, d_in, k, k) in place, every tap at once.
-template <int L>
-static void lane_dot_impl(const at::Tensor& X, const at::Tensor& w, int64_t kk, float* out) {
+// ((m, len / kk) fp32, contiguous); w: (n_out, len), any floating dtype. kk = 1 is a plain X w^T;
+// kk = k*k reads a conv weight (r, d_in, k, k) in place, every tap at once (nothing is restacked).
+static void lane_dot_impl(const at::Tensor& X, const at::Tensor& w, int64_t kk, DotFn dot, float* out) {
   const int64_t m = X.size(0), n_out = w.size(0), len = w.numel() / std::max<int64_t>(n_out, 1);
-  // Xe[b, i * kk + tap] = X[b, i]: lines up elementwise with a weight row (lane q holds tap q % kk).
-  const at::Tensor Xe = kk == 1 ? X.contiguous() : X.unsqueeze(2).expand({m, len / kk, kk}).contiguous();
-  const float* xe = Xe.const_data_ptr<float>();
+  // xe[b, i * kk + tap] = X[b, i]: lines up elementwise with a weight row (lane q holds tap q % kk).
+  std::vector<float> expanded(kk == 1 ? 0 : m * len);
+  const float* xp = X.const_data_ptr<float>();
+  for (int64_t i = 0; kk > 1 && i < m * (len / kk); ++i) std::fill_n(expanded.data() + i * kk, kk, xp[i]);
+  const float* xe = kk == 1 ? xp : expanded.data();
+  constexpr int64_t kRowsPerChunk = 16;  // weight rows converted (half/bf16) and swept per chunk
   MOSS_DISPATCH_FLOATS(w.scalar_type(), "moss_lane_dot", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, len * m));  // len * m may be 0
-    at::parallel_for(0, n_out, grain, [&](int64_t o0, int64_t o1) {
-      std::vector<float> row(std::is_same_v<scalar_t, float> ? 0 : len);
-      const auto row_dot = pick_row_dot<L>();
-      for (int64_t o = o0; o < o1; ++o) {
-        const float* wrow;
+    at::parallel_for(0, n_out, std::max(grain, kRowsPerChunk), [&](int64_t o0, int64_t o1) {
+      std::vector<float> rows(std::is_same_v<scalar_t, float> ? 0 : kRowsPerChunk * len);
+      for (int64_t c0 = o0; c0 < o1; c0 += kRowsPerChunk) {
+        const int64_t nr = std::min(kRowsPerChunk, o1 - c0);
+        const float* wrows;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          wrow = wp + o * len;
+          wrows = reinterpret_cast<const float*>(wp + c0 * len);  // (compiled for every dtype, run for fp32)
         } else {
-          for (int64_t j = 0; j < len; ++j) row[j] = static_cast<float>(wp[o * len + j]);
-          wrow = row.data();
+          for (int64_t j = 0; j < nr * len; ++j) rows[j] = static_cast<float>(wp[c0 * len + j]);
+          wrows = rows.data();
         }
-        row_dot(wrow, xe, m, len, kk, out + o, n_out);
+        dot(wrows, len, nr, xe, m, len, kk, out, n_out, c0);
       }
     });
   });
 }
 
-// From this many rows on, a step is a GEMM: BLAS (after stacking a conv weight's taps) beats the
-// dot loops, which stream the weights once per four rows. Measured on the 2-core AMD EPYC: 8 image
-// rows (d_in 512, d_out 1376, r 64, k 2, one thread) 270 us through BLAS, 551 us through the loops;
-// 4 image + 4 text rows (d 1024, two threads) 0.20 ms through the loops, 0.32 ms through BLAS.
+// From this many rows on, a step is a GEMM: BLAS (after stacking a conv weight's taps, a copy per
+// call that the rows amortise) beats the dot loops, which re-read each block of weight rows from L2
+// once per two rows. Measured on a Xeon, one thread, 40 cold image layers (d 1024, r 64, k 2):
+// 4 / 8 / 16 / 32 / 64 rows in 205 / 260 / 378 / 610 / 1057 us through the loops, 382 / 430 / 426
+// / 555 / 750 us through BLAS.
 constexpr int64_t kBlasRows = MOSS_DECODE_BLAS_ROWS;
 
 static void lane_dot(const at::Tensor& X, const at::Tensor& weight, int64_t kk, float* out) {
-  if (X.size(0) >= kBlasRows) {
+  if (X.size(0) >= kBlasRows || (kk == 1 && weight.scalar_type() == at::kFloat)) {  // see the file comment
     // out (m, kk * n_out) tap-major = X K_all^T, K_all = the weight's taps stacked (kk * n_out, len / kk)
     const at::Tensor K = kk == 1 ? as_f32(weight.reshape({weight.size(0), -1})) : stacked_taps(weight);
     at::Tensor dst = at::from_blob(out, {X.size(0), K.size(0)}, X.options().dtype(at::kFloat));
@@ -137,13 +210,7 @@ static void lane_dot(const at::Tensor& X, const at::Tensor& weight, int64_t kk, 
     return;
   }
   const at::Tensor w = weight.contiguous();
-  switch (kk) {  // lanes: a multiple of 8 and of kk
-    case 1: return lane_dot_impl<16>(X, w, kk, out);
-    case 4: return lane_dot_impl<16>(X, w, kk, out);
-    case 9: return lane_dot_impl<72>(X, w, kk, out);
-    case 16: return lane_dot_impl<16>(X, w, kk, out);
-    default: break;
-  }
+  if (const DotFn dot = pick_dot(kk)) return lane_dot_impl(X, w, kk, dot, out);
   // Larger kernels (k >= 5): one lane per tap, scalar but exact.
   const int64_t m = X.size(0), n_out = w.size(0), len = w.numel() / std::max<int64_t>(n_out, 1);
   const at::Tensor Xc = X.contiguous(), wf = w.to(at::kFloat);
@@ -171,16 +238,25 @@ void decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_a,
   const int64_t* ww = width.data_ptr<int64_t>();
   std::vector<int64_t> txt, img;
   for (int64_t b = 0; b < batch; ++b) (pos[b] >= 0 ? img : txt).push_back(b);
+  // The rows of one modality as a contiguous fp32 (n, d_in) matrix: x itself when it is all of x's
+  // rows and x is fp32 and contiguous (the common decode case: a batch wholly in text or in an
+  // image), otherwise gathered into `buf`.
+  const auto modality_rows = [&](const std::vector<int64_t>& rows, at::Tensor buf) {
+    const int64_t n = static_cast<int64_t>(rows.size());
+    if (n == batch && x.scalar_type() == at::kFloat && x.is_contiguous()) return x;
+    gather_rows(x, rows.data(), n, buf.data_ptr<float>(), 1.0f);
+    return buf;
+  };
 
   if (text_a.defined() && !txt.empty()) {
-    const int64_t n = static_cast<int64_t>(txt.size());
-    at::Tensor X = at::empty({n, d_in}, f32);
-    gather_rows(x, txt.data(), n, X.data_ptr<float>(), 1.0f);
-    at::Tensor h = at::empty({n, text_a.size(0)}, f32);
+    const int64_t n = static_cast<int64_t>(txt.size()), rt = text_a.size(0);
+    at::Tensor work = at::empty({n * (d_in + rt + d_out)}, f32);  // X | h | delta
+    const at::Tensor X = modality_rows(txt, work.narrow(0, 0, n * d_in).view({n, d_in}));
+    at::Tensor h = work.narrow(0, n * d_in, n * rt).view({n, rt});
     lane_dot(X, text_a, 1, h.data_ptr<float>());
-    at::Tensor d = at::empty({n, d_out}, f32);
-    lane_dot(h, text_b, 1, d.data_ptr<float>());
-    scatter_add_rows(out, txt.data(), n, d.data_ptr<float>(), d_out, s);
+    float* d = work.data_ptr<float>() + n * (d_in + rt);
+    lane_dot(h, text_b, 1, d);
+    scatter_add_rows(out, txt.data(), n, d, d_out, s);
   }
   if (!image_weight.defined() || img.empty()) return;
   const int64_t r = image_weight.size(0), k = image_weight.size(2), kk = k * k;
@@ -192,12 +268,12 @@ void decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_a,
     TORCH_CHECK_VALUE(k == 1 || ww[b] <= capacity / (k - 1) - 1, "moss_lora_step: pending capacity ", capacity,
                       " is below the slots a width-", ww[b], " image needs (row ", b, ")");
   }
-  at::Tensor X = at::empty({n, d_in}, f32);
-  gather_rows(x, img.data(), n, X.data_ptr<float>(), 1.0f);
-  at::Tensor T = at::empty({n, kk * r}, f32);  // every tap of each image token, tap-major
-  lane_dot(X, image_weight, kk, T.data_ptr<float>());
-  at::Tensor Z = at::empty({n, r}, f32);
-  float* tp = T.data_ptr<float>();
+  // X | every tap of each image token, tap-major (T) | z | delta
+  at::Tensor work = at::empty({n * (d_in + kk * r + r + d_out)}, f32);
+  const at::Tensor X = modality_rows(img, work.narrow(0, 0, n * d_in).view({n, d_in}));
+  float* tp = work.data_ptr<float>() + n * d_in;
+  lane_dot(X, image_weight, kk, tp);
+  at::Tensor Z = work.narrow(0, n * (d_in + kk * r), n * r).view({n, r});
   float* zp = Z.data_ptr<float>();
   MOSS_DISPATCH_FLOATS(pending.scalar_type(), "moss_decode_ring", [&] {
     scalar_t* ring = pending.data_ptr<scalar_t>();
@@ -229,9 +305,9 @@ void decode_step(const at::Tensor& x, at::Tensor& out, const at::Tensor& text_a,
       }
     });
   });
-  at::Tensor d = at::empty({n, d_out}, f32);
-  lane_dot(Z, image_b, 1, d.data_ptr<float>());
-  scatter_add_rows(out, img.data(), n, d.data_ptr<float>(), d_out, s);
+  float* d = zp + n * r;
+  lane_dot(Z, image_b, 1, d);
+  scatter_add_rows(out, img.data(), n, d, d_out, s);
 }
 
 }  // namespace moss::cpu

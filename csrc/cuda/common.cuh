@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: dtype-erased loads/stores and conversions.
+// Device helpers shared by the CUDA kernels: conversions, 16-byte vectors, cp.async.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../include/moss_cuda.h"
 
@@ -22,22 +23,53 @@
 
 namespace moss::cuda {
 
-// Element `off` of a buffer of dtype `dt`, as fp32 (the branch is uniform across a warp).
-__device__ __forceinline__ float load_as_float(const void* p, DType dt, int64_t off) {
-  switch (dt) {
-    case DType::kF16: return __half2float(static_cast<const __half*>(p)[off]);
-    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[off]);
-    default: return static_cast<const float*>(p)[off];
-  }
-}
+// 16 bytes moved as one vector (LDG.128 / STS.128 when aligned, which the callers check).
+struct __align__(16) Raw16 {
+  unsigned w[4];
+};
 
-__device__ __forceinline__ void store_from_float(void* p, DType dt, int64_t off, float v) {
-  switch (dt) {
-    case DType::kF16: static_cast<__half*>(p)[off] = __float2half_rn(v); break;
-    case DType::kBF16: static_cast<__nv_bfloat16*>(p)[off] = __float2bfloat16_rn(v); break;
-    default: static_cast<float*>(p)[off] = v; break;
+// The cp.async seam (sm_80+): a 16-byte global -> shared copy of `src_bytes` bytes (0..16), the rest
+// zero-filled (masked and tail elements), both addresses 16-byte aligned; commit closes a group,
+// wait<N> blocks until at most N committed groups are pending. Under nvcc: inline PTX on sm_80+,
+// a synchronous copy below; the SIMT harness defines MOSS_CP_ASYNC_SEAM and models them (deferred
+// copies, alignment and the destination checked).
+#ifndef MOSS_CP_ASYNC_SEAM
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
+#else
+  Raw16 v{};
+  if (src_bytes == 16) {
+    v = *static_cast<const Raw16*>(gmem);
+  } else {
+    for (int i = 0; i < src_bytes; ++i) reinterpret_cast<unsigned char*>(&v)[i] = static_cast<const unsigned char*>(gmem)[i];
   }
+  *static_cast<Raw16*>(smem) = v;
+#endif
 }
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+#else
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes,
+                                           const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::simt::cp_async16(smem, gmem, src_bytes, file, line);
+}
+__device__ __forceinline__ void cp_async_commit() { ::simt::cp_async_commit(); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::simt::cp_async_wait(N, file, line);
+}
+#endif
 
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
@@ -51,6 +83,36 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Element e (compile-time after unrolling) of a 16-byte vector of T, as fp32; and VEC = 16 /
+// sizeof(T) fp32 values rounded to T, packed into one 16-byte vector.
+template <typename T>
+__device__ __forceinline__ float vec_elem(const Raw16& r, int e) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(r.w[e]);
+  } else {
+    const auto u = static_cast<unsigned short>((r.w[e / 2] >> (16 * (e % 2))) & 0xffffu);
+    if constexpr (std::is_same_v<T, __half>) return __half2float(__ushort_as_half(u));
+    else return __bfloat162float(__ushort_as_bfloat16(u));
+  }
+}
+template <typename T>
+__device__ __forceinline__ Raw16 vec_pack(const float* f) {
+  Raw16 r;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    if constexpr (sizeof(T) == 4) {
+      r.w[w] = __float_as_uint(f[w]);
+    } else if constexpr (std::is_same_v<T, __half>) {
+      r.w[w] = static_cast<unsigned>(__half_as_ushort(__float2half_rn(f[2 * w]))) |
+               (static_cast<unsigned>(__half_as_ushort(__float2half_rn(f[2 * w + 1]))) << 16);
+    } else {
+      r.w[w] = static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(f[2 * w]))) |
+               (static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(f[2 * w + 1]))) << 16);
+    }
+  }
+  return r;
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -105,9 +105,12 @@ constexpr int64_t kFusedSmemLimit = 166912;
 bool fused_forward(const FusedForwardArgs& args, void* stream, const char** why = nullptr);
 
 // One decode step (reference.decode_step): x (batch, d_in) rows with leading dimension ldx, out
-// (batch, d_out) contiguous, both `dtype`; weights in `dtype`, contiguous, null when absent;
-// image_weight in nn.Conv2d layout (r, d_in, k, k), 1 <= k <= 4; pending (batch, capacity, r) fp32.
-// Rows whose image position is beyond the image or whose ring would not fit are left unchanged.
+// (batch, d_out) contiguous, both `dtype`; weights in `dtype`, contiguous, null when absent, read
+// in place (image_weight in nn.Conv2d layout (r, d_in, k, k), 1 <= k <= 4: no stacked copy);
+// pending (batch, capacity, r) fp32; workspace: decode_workspace_floats(args) floats of fp32 scratch
+// (d_in partial sums, z), any contents. Rows whose image position is beyond the image or whose ring
+// would not fit are left unchanged. Weight-stationary (cuda/decode.cu): three stream-ordered
+// launches, no host synchronisation, deterministic; any rank.
 struct DecodeArgs {
   DType dtype;
   const void* x;
@@ -126,8 +129,13 @@ struct DecodeArgs {
   const int64_t* image_pos;
   const int64_t* height;
   const int64_t* width;
+  float* workspace;
 };
 void decode_step(const DecodeArgs& args, void* stream);
+
+// fp32 elements of the workspace decode_step needs for these args (0 when batch is 0); depends on
+// the shapes, the weights' alignment and the current device's SM count, never on device data.
+int64_t decode_workspace_floats(const DecodeArgs& args);
 
 // Largest kernel size decode_step is instantiated for.
 constexpr int64_t kMaxKernelSize = 4;

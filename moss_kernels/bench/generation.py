@@ -215,8 +215,9 @@ def _run(cfg: GenerationConfig, verbose: bool) -> dict:
                 threads=torch.get_num_threads(), torch=torch.__version__, loadavg=_loadavg(),
                 date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     try:
-        from .run import _git
+        from .run import _device_name, _git
 
+        meta["machine"] = _device_name(torch.device("cpu"))
         meta["commit"] = _git("rev-parse", "HEAD")
         status = _git("status", "--porcelain", "--untracked-files=no")
         meta["dirty"] = bool(status) if status is not None else None
@@ -241,7 +242,9 @@ def format_table(report: dict) -> str:
              f"prompts ending inside a {cfg['grid'][0]}x{cfg['grid'][1]} image, {cfg['new_tokens']} greedy tokens, "
              f"{report['meta']['threads']} thread(s), {cfg.get('clock', 'wall')} clock, medians of {cfg['rounds']} "
              "interleaved rounds "
-             f"(load average {report['meta']['loadavg']}).", "",
+             f"(load average {report['meta']['loadavg']}).",
+             f"Machine: {report['meta'].get('machine')}; commit {report['meta'].get('commit')}"
+             f"{' (dirty tree)' if report['meta'].get('dirty') else ''}; {report['meta'].get('date')}.", "",
              "| variant | tokens/s | step (ms) | adapter cost / step (ms) | prefill (ms) | train step (ms) |",
              "|---|---:|---:|---:|---:|---:|"]
     ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"

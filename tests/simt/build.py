@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -37,14 +38,30 @@ def cache_dir() -> Path:
     return Path(base) / "moss_kernels" / "simt"
 
 
-def _headers(csrc: Path, harness_only: bool = False) -> bytes:
-    """Every header a harness build can include, with its path (only the harness's own for simt.cpp)."""
+_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"]([^>"]+)[>"]', re.M)
+
+
+def _headers(src: Path, csrc: Path) -> bytes:
+    """The headers `src` includes, transitively (found next to the including file or on the -I
+    path, as g++ resolves them; system headers are not followed), each with its path and bytes:
+    a change to a header recompiles only the sources that include it (a mutant of tile_gemm.cuh
+    leaves the decode step's object alone)."""
     h = hashlib.sha256()
-    for root in ((SIMT / "include",) if harness_only else (csrc / "include", csrc / "cuda", SIMT / "include")):
-        for p in sorted(root.rglob("*")):
-            if p.is_file() and p.suffix in (".h", ".cuh"):
-                h.update(str(p.relative_to(root.parent)).encode())
-                h.update(p.read_bytes())
+    seen: set[Path] = set()
+    todo = [src]
+    while todo:
+        cur = todo.pop()
+        for name in _INCLUDE.findall(cur.read_text()):
+            for base in (cur.parent, SIMT / "include", csrc):
+                p = (base / name).resolve()
+                if p.is_file():
+                    if p not in seen:
+                        seen.add(p)
+                        todo.append(p)
+                    break
+    for p in sorted(seen):
+        h.update(str(p.relative_to(csrc.resolve()) if p.is_relative_to(csrc.resolve()) else p).encode())
+        h.update(p.read_bytes())
     return h.digest()
 
 
@@ -83,11 +100,9 @@ def build_driver(mode: str = "plain", mutant: Optional[tuple[str, str, str]] = N
         (tmpdir / "cuda" / name).write_text(text.replace(old, new))
         csrc = tmpdir
     try:
-        headers, own = _headers(csrc), _headers(csrc, harness_only=True)
         sources = [csrc / "cuda" / f"{k}.cu" for k in KERNELS] + [SIMT / "simt.cpp", SIMT / "driver.cpp"]
         with ThreadPoolExecutor(jobs) as pool:
-            objs = list(pool.map(lambda s: _compile(s, flags, csrc, own if s.name == "simt.cpp" else headers),
-                                 sources))
+            objs = list(pool.map(lambda s: _compile(s, flags, csrc, _headers(s, csrc)), sources))
         key = hashlib.sha256("".join(str(o) for o in objs).encode() + " ".join(flags).encode()).hexdigest()[:20]
         exe = cache_dir() / "bin" / f"driver-{mode}-{key}"
         if not exe.exists():

@@ -9,6 +9,7 @@
 //   driver huge            a GEMM whose output offsets pass 2^31 elements (sparse mapping)
 //   driver convert PATH    writes float -> half / bf16 conversions of a fixed grid of floats
 //   driver self NAME       one harness self-test (divergent barrier, shuffle mask, ...)
+//   driver decode_plan DTYPE K BATCH D_IN D_OUT R R_TEXT   decode_workspace_floats for that shape
 #include <sys/mman.h>
 
 #include <cmath>
@@ -109,16 +110,27 @@ double tolerance(DType compute, DType out) {
 }
 
 // ---------------------------------------------------------------------------------------- GEMM
-// C[rows[i]] (+)= alpha * A[gather[i], :] B, with B read transposed from a (n, k) row-major matrix.
-void check_gemm(DType compute, DType a_dt, DType out_dt, int64_t m, int64_t n, int64_t k, bool accumulate) {
-  const int64_t a_rows = m + 7, lda = k + 3, ldc = n + 5, c_rows = m + 4;
-  Buf A(a_dt, a_rows * lda), B(compute, n * k), C(out_dt, c_rows * ldc);
+// C[rows[i]] (+)= alpha * A B in the layouts cuda_dispatch.cpp passes: A k-contiguous with gathered
+// rows (x rows, A[gather[i], :]) or m-contiguous with gathered k (a transposed g or h^T:
+// A[gather[p], i]); B k-contiguous (a weight read transposed, (n, k) row-major) or n-contiguous
+// ((k, n) row-major). `aligned` pads the leading dimensions to whole 16-byte vectors (vector and
+// cp.async loads), else to odd sizes (the scalar fallback).
+void check_gemm(DType compute, DType a_dt, DType out_dt, int64_t m, int64_t n, int64_t k, bool accumulate,
+                bool a_kc = true, bool b_kc = true, DType b_dt = DType::kF32, bool b_dt_given = false,
+                bool aligned = false) {
+  if (!b_dt_given) b_dt = compute;
+  const auto lead = [&](int64_t v) { return aligned ? (v + 7) / 8 * 8 + 8 : v + 3; };
+  const int64_t a_rows = (a_kc ? m : k) + 7, lda = lead(a_kc ? k : m), ldc = n + 5, c_rows = m + 4;
+  const int64_t ldb = aligned ? lead(b_kc ? k : n) : (b_kc ? k : n);
+  Buf A(a_dt, a_rows * lda), B(b_dt, (b_kc ? n : k) * ldb), C(out_dt, c_rows * ldc);
   A.randomize();
   B.randomize();
   C.randomize();
-  std::vector<int64_t> gather(m), rows(m);
-  for (int64_t i = 0; i < m; ++i) gather[i] = (i * 5 + 3) % a_rows;
+  std::vector<int64_t> gather(a_kc ? m : k), rows(m);
+  for (size_t i = 0; i < gather.size(); ++i) gather[i] = (static_cast<int64_t>(i) * 5 + 3) % a_rows;
   for (int64_t i = 0; i < m; ++i) rows[i] = (i * 3 + 1) % c_rows;  // injective: 3 and c_rows coprime below
+  const auto a_at = [&](int64_t i, int64_t p) { return a_kc ? gather[i] * lda + p : gather[p] * lda + i; };
+  const auto b_at = [&](int64_t p, int64_t j) { return b_kc ? j * ldb + p : p * ldb + j; };
   const float alpha = 0.625f;
   std::vector<double> want(static_cast<size_t>(c_rows * ldc));
   for (int64_t i = 0; i < c_rows * ldc; ++i) want[i] = C.get(i);
@@ -126,17 +138,20 @@ void check_gemm(DType compute, DType a_dt, DType out_dt, int64_t m, int64_t n, i
     for (int64_t j = 0; j < n; ++j) {
       double s = 0;
       for (int64_t p = 0; p < k; ++p)
-        s += static_cast<double>(round_to(compute, A.get(gather[i] * lda + p))) * round_to(compute, B.get(j * k + p));
+        s += static_cast<double>(round_to(compute, A.get(a_at(i, p)))) * round_to(compute, B.get(b_at(p, j)));
       const int64_t off = rows[i] * ldc + j;
       want[off] = alpha * s + (accumulate ? want[off] : 0.0);
     }
-  moss::cuda::Operand a{A.data(), a_dt, lda, 1, gather.data(), nullptr};
-  moss::cuda::Operand b{B.data(), compute, 1, k, nullptr, nullptr};
+  const moss::cuda::Operand a = a_kc ? moss::cuda::Operand{A.data(), a_dt, lda, 1, gather.data(), nullptr}
+                                     : moss::cuda::Operand{A.data(), a_dt, 1, lda, nullptr, gather.data()};
+  const moss::cuda::Operand b = b_kc ? moss::cuda::Operand{B.data(), b_dt, 1, ldb, nullptr, nullptr}
+                                     : moss::cuda::Operand{B.data(), b_dt, ldb, 1, nullptr, nullptr};
   moss::cuda::Output c{C.data(), out_dt, ldc, rows.data(), accumulate, alpha};
   moss::cuda::gemm(m, n, k, a, b, c, compute, nullptr);
   char what[128];
-  std::snprintf(what, sizeof what, "gemm %s a=%s out=%s %lldx%lldx%lld%s", name_of(compute), name_of(a_dt),
-                name_of(out_dt), (long long)m, (long long)n, (long long)k, accumulate ? " +=" : "");
+  std::snprintf(what, sizeof what, "gemm %s a=%s%s b=%s%s out=%s %lldx%lldx%lld%s%s", name_of(compute),
+                name_of(a_dt), a_kc ? "" : "^T", name_of(b_dt), b_kc ? "^T" : "", name_of(out_dt), (long long)m,
+                (long long)n, (long long)k, accumulate ? " +=" : "", aligned ? " aligned" : "");
   if (!launched(what)) return;
   std::vector<double> got(want.size());
   for (size_t i = 0; i < got.size(); ++i) got[i] = C.get(static_cast<int64_t>(i));
@@ -345,8 +360,11 @@ void check_shift_state() {
 }
 
 // ---------------------------------------------------------------------------------------- decode
-void check_decode(DType dt, int64_t k) {
-  const int64_t batch = 6, d_in = 45, d_out = 70, r = 40, r_text = 24, W = 5, H = 4;
+// d_in 45: rows no 16-byte vector can read (scalar loads); 144: 16-byte loads, two or more d_in
+// slices; batch 40 at rank 130: three passes over a slice and (k = 4) two groups of batch rows;
+// rank 600: ranks past the 512 the one-block-per-sequence kernel took.
+void check_decode(DType dt, int64_t k, int64_t batch = 6, int64_t d_in = 45, int64_t r = 40) {
+  const int64_t d_out = 70, r_text = 24, W = 5, H = 4;
   const int64_t capacity = moss::ring_size(k, W) + 2, ldx = d_in + 3, kk = k * k;
   Buf x(dt, batch * ldx), out(dt, batch * d_out), ta(dt, r_text * d_in), tb(dt, d_out * r_text);
   Buf w(dt, r * d_in * kk), ib(dt, d_out * r);
@@ -355,6 +373,8 @@ void check_decode(DType dt, int64_t k) {
   for (auto& v : pending) v = uniform();
   // text rows, image rows at the first, an inner, the last position, and one beyond the image
   std::vector<int64_t> pos{-1, 0, 7, H * W - 1, -1, H * W + 3}, height(batch, H), width(batch, W);
+  for (int64_t b = 6; b < batch; ++b) pos.push_back((b * 7) % (H * W + 4) - 2);  // -2 .. H * W + 1
+  pos.resize(batch);
   std::vector<double> want_out(static_cast<size_t>(batch * d_out)), want_ring(pending.begin(), pending.end());
   for (int64_t i = 0; i < batch * d_out; ++i) want_out[i] = out.get(i);
   const float scale = 0.5f;
@@ -425,9 +445,13 @@ void check_decode(DType dt, int64_t k) {
   a.image_pos = pos.data();
   a.height = height.data();
   a.width = width.data();
+  // scratch of any contents: NaN, so that a sum read before it is written shows
+  std::vector<float> workspace(static_cast<size_t>(moss::cuda::decode_workspace_floats(a)), NAN);
+  a.workspace = workspace.data();
   moss::cuda::decode_step(a, nullptr);
   char what[96];
-  std::snprintf(what, sizeof what, "decode %s k=%lld", name_of(dt), (long long)k);
+  std::snprintf(what, sizeof what, "decode %s k=%lld b=%lld d_in=%lld r=%lld", name_of(dt), (long long)k,
+                (long long)batch, (long long)d_in, (long long)r);
   if (!launched(what)) return;
   std::vector<double> got(want_out.size());
   for (size_t i = 0; i < got.size(); ++i) got[i] = out.get(static_cast<int64_t>(i));
@@ -436,13 +460,45 @@ void check_decode(DType dt, int64_t k) {
   check(std::string(what) + " ring", want_ring, std::vector<double>(pending.begin(), pending.end()), 2e-5);
 }
 
+// The decode split for one shape (tests/test_cuda_decode_static.py compares it with its cost
+// model): prints decode_workspace_floats for 16-byte aligned weights (never dereferenced) on the
+// emulated device (SIMT_SM_COUNT SMs). Args: dtype (f32/f16/bf16) k batch d_in d_out r r_text.
+int run_decode_plan(int argc, char** argv) {
+  if (argc < 9) return 2;
+  const std::string dt = argv[2];
+  alignas(16) static unsigned char dummy[16];
+  moss::cuda::DecodeArgs a{};
+  a.dtype = dt == "f16" ? DType::kF16 : dt == "bf16" ? DType::kBF16 : DType::kF32;
+  a.k = std::atoll(argv[3]);
+  a.batch = std::atoll(argv[4]);
+  a.d_in = std::atoll(argv[5]);
+  a.d_out = std::atoll(argv[6]);
+  a.r = std::atoll(argv[7]);
+  a.r_text = std::atoll(argv[8]);
+  a.x = a.out = dummy;
+  a.ldx = a.d_in;
+  a.text_a = a.text_b = a.r_text > 0 ? dummy : nullptr;
+  a.image_weight = a.image_b = a.r > 0 ? dummy : nullptr;
+  std::printf("workspace %lld\n", static_cast<long long>(moss::cuda::decode_workspace_floats(a)));
+  return 0;
+}
+
 void run_kernels(const std::string& group) {
   const bool all = group == "all";
   if (all || group == "gemm") {
     for (DType dt : {DType::kF32, DType::kF16, DType::kBF16}) {
       check_gemm(dt, dt, DType::kF32, 70, 37, 45, false);  // 2 x 1 tiles, partial k slab
       check_gemm(dt, DType::kF32, dt, 9, 130, 33, true);    // fp32 operand rounded to the compute type
+      // the backward's layouts, 16-byte aligned rows: dA = dh^T x (both mn-contiguous; fp16 takes
+      // the generic instantiation), dh = g B (B n-contiguous); k-contiguous both, vectors, two k tiles
+      check_gemm(dt, dt, DType::kF32, 70, 37, 45, false, false, false, dt, true, true);
+      check_gemm(dt, dt, dt, 130, 70, 21, true, true, false, dt, true, true);
+      check_gemm(dt, dt, DType::kF32, 37, 70, 100, false, true, true, dt, true, true);
     }
+    // fp16 inputs' rank-space GEMMs compute in bf16: fp32 z times a fp16 weight (the up-projection),
+    // a fp16 g^T times fp32 h (dB)
+    check_gemm(DType::kBF16, DType::kF32, DType::kF16, 70, 45, 24, true, true, true, DType::kF16, true, true);
+    check_gemm(DType::kBF16, DType::kF16, DType::kF32, 24, 45, 70, false, false, false, DType::kF32, true, true);
     check_gemm(DType::kF16, DType::kF16, DType::kF32, 1, 1, 1, true);
   }
   if (all || group == "fused") {
@@ -454,9 +510,15 @@ void run_kernels(const std::string& group) {
     check_fused_refuses();
   }
   if (all || group == "shift") check_shift_state();
-  if (all || group == "decode")
+  if (all || group == "decode") {
     for (DType dt : {DType::kF32, DType::kF16, DType::kBF16})
-      for (int64_t k = 1; k <= 4; ++k) check_decode(dt, k);
+      for (int64_t k = 1; k <= 4; ++k) {
+        check_decode(dt, k);
+        check_decode(dt, k, 6, 144);
+        if (k == 4) check_decode(dt, k, 40, 144, 130);
+      }
+    check_decode(DType::kBF16, 2, 3, 48, 600);
+  }
 }
 
 // A GEMM whose output offsets pass 2^31 elements: rows ld apart in a sparse (reserved, untouched)
@@ -724,8 +786,11 @@ int main(int argc, char** argv) {
     run_convert(argv[2]);
   } else if (what == "self" && argc > 2) {
     return run_self(argv[2]);
+  } else if (what == "decode_plan") {
+    return run_decode_plan(argc, argv);
   } else {
-    std::printf("usage: %s kernels | huge | convert PATH | self NAME\n", argv[0]);
+    std::printf("usage: %s kernels | huge | convert PATH | self NAME | decode_plan DTYPE K BATCH D_IN D_OUT R R_TEXT\n",
+                argv[0]);
     return 2;
   }
   std::printf("%s: %d failure(s)\n", what.c_str(), failures);

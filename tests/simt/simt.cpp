@@ -40,6 +40,7 @@ void __tsan_release(void* addr);
 extern "C" {
 void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
 void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
+void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
 }
 #endif
 
@@ -130,6 +131,13 @@ struct WarpReq {
   int64_t ldm = 0;
 };
 
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+  int group;  // the number of groups committed before it was issued
+};
+
 struct Thread {
   uint3 tid{};
   int linear = 0;
@@ -143,6 +151,8 @@ struct Thread {
   char* stack = nullptr;
   size_t stack_size = 0;
   void* tsan_fiber = nullptr;
+  std::vector<AsyncCopy> copies;  // cp.async copies issued and not yet waited for
+  int committed = 0;              // cp.async groups committed so far
 };
 
 struct Block {
@@ -159,6 +169,8 @@ struct Block {
   void* ctx = nullptr;
   bool failed = false;
   std::string error;
+  char* shared_base = nullptr;  // this OS thread's copy of the static shared section
+  size_t shared_size = 0;
   long bar_gen = 0;
   char sync_start = 0, sync_end = 0, sync_bar[2] = {0, 0};
 };
@@ -300,6 +312,8 @@ SIMT_NOTSAN void fiber_entry() {
   __tsan_acquire(&b.sync_start);
 #endif
   b.body(b.ctx);
+  if (!t.copies.empty())
+    fail("exits with %zu cp.async copies never waited for (cp.async.wait_group)", t.copies.size());
   t.st = St::kDone;
 #ifdef SIMT_TSAN
   __tsan_release(&b.sync_end);
@@ -413,6 +427,13 @@ SIMT_NOTSAN void run_block(Block& b, SharedRange shared) {
     t.tid = {i % b.bdim.x, (i / b.bdim.x) % b.bdim.y, i / (b.bdim.x * b.bdim.y)};
     t.block = &b;
     t.st = St::kReady;
+    t.copies.clear();
+    t.committed = 0;
+#ifdef SIMT_ASAN
+    // A fiber that left its kernel through fail() or a previous launch's frames leave redzones on
+    // the reused stack; the new fiber starts from a clean one.
+    __asan_unpoison_memory_region(t.stack, t.stack_size);
+#endif
     context_make(t.ctx, t.stack, t.stack_size, fiber_entry);
   }
   // Unwritten shared memory reads as NaN in every float type (and as -1 in integers).
@@ -420,6 +441,8 @@ SIMT_NOTSAN void run_block(Block& b, SharedRange shared) {
   if (shared.size) std::memset(shared.base, 0xff, shared.size);
   b.bar_gen = 0;
   b.failed = false;
+  b.shared_base = shared.base;
+  b.shared_size = shared.size;
 #ifdef SIMT_TSAN
   __tsan_release(&b.sync_start);
 #endif
@@ -573,6 +596,45 @@ SIMT_NOTSAN void wmma_op(const char* what, const void* ptr, int64_t ldm_bytes, c
   r.ptr = ptr;
   r.ldm = ldm_bytes;
   warp_wait(t, r, file, line);
+}
+
+// cp.async: the destination is poisoned (0xff) when the copy is issued, since on a GPU it may land
+// at any moment until the wait, and the copy (src_bytes bytes, zeros up to 16) is carried out when
+// a wait covers its group: shared memory read before the wait shows NaN, and a copy issued into a
+// buffer other threads still read is a write TSan orders against their reads. Instrumented, so
+// TSan and ASan see the copy's accesses as the issuing thread's.
+void cp_async16(void* dst, const void* src, int src_bytes, const char* file, int line) {
+  Thread& t = in_kernel("cp.async");
+  const Block& b = *t.block;
+  auto* d = static_cast<char*>(dst);
+  const bool in_dyn = d >= b.dyn && d + 16 <= b.dyn + b.dyn_bytes;
+  const bool in_static = d >= b.shared_base && d + 16 <= b.shared_base + b.shared_size;
+  if (!in_dyn && !in_static) fail("cp.async at %s:%d: the destination %p is not in shared memory", file, line, dst);
+  if (reinterpret_cast<uintptr_t>(dst) % 16)
+    fail("cp.async at %s:%d: the shared memory address %p is not 16-byte aligned", file, line, dst);
+  if (src_bytes < 0 || src_bytes > 16) fail("cp.async at %s:%d: src-size %d is not in [0, 16]", file, line, src_bytes);
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16)
+    fail("cp.async at %s:%d: the global address %p is not 16-byte aligned", file, line, src);
+  std::memset(dst, 0xff, 16);  // undefined until the wait: whoever reads it before sees NaN
+  t.copies.push_back({dst, src, src_bytes, t.committed});
+}
+
+void cp_async_commit() { ++in_kernel("cp.async.commit_group").committed; }
+
+void cp_async_wait(int pending, const char* file, int line) {
+  Thread& t = in_kernel("cp.async.wait_group");
+  if (pending < 0) fail("cp.async.wait_group at %s:%d: %d groups", file, line, pending);
+  std::vector<AsyncCopy> keep;
+  for (const AsyncCopy& c : t.copies) {
+    if (c.group < t.committed - pending) {
+      auto* d = static_cast<unsigned char*>(c.dst);
+      if (c.bytes) std::memcpy(d, c.src, static_cast<size_t>(c.bytes));
+      std::memset(d + c.bytes, 0, static_cast<size_t>(16 - c.bytes));
+    } else {
+      keep.push_back(c);
+    }
+  }
+  t.copies.swap(keep);
 }
 
 // ---------------------------------------------------------------------------------------- host side

@@ -16,7 +16,9 @@
 //   * __shfl_*_sync exchange values among the lanes of the mask only; wmma fragments are held whole by
 //     every lane, accumulator elements are owned by lane e % 32, every wmma call is a warp operation of
 //     all 32 lanes with its pointer alignment (32 bytes) and ldm (a multiple of 16 bytes) checked;
-//   * half / bf16 conversions round to nearest even, bit-identical to CUDA's (NaN -> 0x7fff).
+//   * half / bf16 conversions round to nearest even, bit-identical to CUDA's (NaN -> 0x7fff);
+//   * cp.async copies are deferred to the wait that covers their group (zero-filled past src-size),
+//     so reading shared memory before the wait shows stale data.
 // Under ThreadSanitizer the fibers are TSan fibers switched without synchronisation; the only
 // happens-before edges inside a launch are the block barriers (and block start/end on a worker).
 #pragma once
@@ -45,6 +47,7 @@
 // extern __shared__): kernel name last, since a template argument list may hold commas.
 #define MOSS_LAUNCH(grid, block, smem, stream, ...) \
   ::simt::launcher(__VA_ARGS__, #__VA_ARGS__, grid, block, smem, stream)
+#define MOSS_CP_ASYNC_SEAM 1  // common.cuh's cp.async helpers call simt::cp_async16 & co.
 #define MOSS_DYNAMIC_SHARED(type, name, align) \
   type* const name = static_cast<type*>(::simt::dynamic_shared(alignof(type) > (align) ? alignof(type) : (align)))
 
@@ -107,6 +110,15 @@ uint64_t shfl(int kind, unsigned mask, uint64_t bits, int arg, int width, const 
 void wmma_op(const char* what, const void* ptr, int64_t ldm_bytes, const char* file, int line);
 int lane_id();
 [[noreturn]] void fail(const char* fmt, ...);
+
+// cp.async (csrc/cuda/common.cuh's seam cp_async16 / cp_async_commit / cp_async_wait<N>): a 16-byte
+// global -> shared copy of src_bytes bytes, zero-filled to 16, both addresses 16-byte aligned, the
+// destination in shared memory. The destination reads as 0xff (NaN) from the issue until a
+// cp_async_wait(n) that leaves at most n committed groups pending carries the copy out; a thread
+// that exits with copies not waited for is a launch error.
+void cp_async16(void* dst, const void* src, int src_bytes, const char* file, int line);
+void cp_async_commit();
+void cp_async_wait(int pending, const char* file, int line);
 
 // Function attributes set through cudaFuncSetAttribute, keyed by the kernel's address.
 cudaError_t set_max_dynamic_smem(const void* func, int bytes);

@@ -82,3 +82,11 @@ inline float __bfloat162float(__nv_bfloat16 b) { return simt::bits_float(static_
 
 inline __half __float2half(float f) { return __float2half_rn(f); }
 inline __nv_bfloat16 __float2bfloat16(float f) { return __float2bfloat16_rn(f); }
+
+// Bit casts (cuda_fp16.h / cuda_bf16.h / the device runtime's).
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
+inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
+inline unsigned __float_as_uint(float f) { return simt::float_bits(f); }
+inline float __uint_as_float(unsigned u) { return simt::bits_float(u); }
