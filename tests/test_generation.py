@@ -7,8 +7,12 @@ pickling of injected models, the whole-model backend choice, the no-image warnin
 import copy
 import inspect
 import io
+import os
 import pickle
+import shutil
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +180,27 @@ def test_generate_equals_full_forward_every_backend(backend):
     gen = generate(model, prompt, n, do_sample=True, generator=torch.Generator().manual_seed(1), temperature=2.0)
     full = model(gen.sequences).logits[:, prompt.shape[1] - 1:-1]
     assert_close_rel(gen.logits, full, TOLERANCE[torch.float32], f"{backend} generate")
+
+
+@pytest.fixture(scope="module")
+def simt_backend():
+    """The CUDA kernels, run on the CPU by the SIMT harness (tests/simt), as the backend "simt_cuda"."""
+    if os.environ.get("MOSS_KERNELS_NATIVE", "1") == "0" or shutil.which("g++") is None:
+        pytest.skip("the SIMT harness needs the native build and g++")
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "simt"))
+    import torch_ext as simt
+
+    with simt.registered():
+        yield simt
+
+
+def test_model_path_on_the_cuda_kernels(simt_backend):
+    """The CUDA build's launch sequences in the model path (prefill through the fused forward with
+    state writes, weight-stationary decode steps, a full forward), executed by the SIMT harness."""
+    before = simt_backend.launches("decode"), simt_backend.launches("fused")
+    test_steps_equal_full_forward_rows_opening_and_closing_at_different_steps(simt_backend.BACKEND, "moss")
+    test_generate_equals_full_forward_every_backend(simt_backend.BACKEND)
+    assert simt_backend.launches("decode") > before[0] and simt_backend.launches("fused") > before[1]
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face
