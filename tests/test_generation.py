@@ -311,8 +311,16 @@ def test_generation_benchmark_smoke():
         assert r["generate_s"] > 0 and r["tokens_per_s"] == pytest.approx(2 * 3 / r["generate_s"])
         assert len(r["samples"]["generate"]) == 1
     assert rows["base"]["train_step_s"] is None and rows["moss"]["train_step_s"] > 0
+    # The bytes a step reads: every generated token is an image token, so MoSS reads its 2x2 conv
+    # (4 r d_in) and up-projection, PEFT its A and B, for q, k, v, o, gate, up, down of each layer.
+    h, f, r = cfg.hidden_size, cfg.intermediate_size, cfg.rank
+    shapes = [(h, h)] * 4 + [(h, f), (h, f), (f, h)]
+    assert rows["moss"]["adapter_bytes"] == 4 * cfg.num_layers * sum(4 * r * i + r * o for i, o in shapes)
+    assert rows["peft_lora"]["adapter_bytes"] == 4 * cfg.num_layers * sum(r * i + r * o for i, o in shapes)
+    assert rows["moss"]["floor_step_s"] == pytest.approx(
+        rows["moss"]["adapter_bytes"] / (report["meta"]["stream_bandwidth_gb_s"] * 1e9))
     table = format_table(report)
-    assert "| moss |" in table and "x PEFT LoRA's" in table
+    assert "| moss |" in table and "x PEFT LoRA's" in table and "PEFT's adapter bytes" in table
 
 
 def test_single_token_first_forward_and_use_cache_without_a_cache():
