@@ -201,3 +201,20 @@ def test_mutant_is_caught(mutant):
         assert signature in report, f"mutant '{name}' failed differently:\n{report[-4000:]}"
     else:  # the 32-bit offset lands on the wrong element or outside the mapping
         assert "FAIL" in proc.stdout or proc.returncode < 0, report[-4000:]
+
+
+def test_kernels_declare_no_static_shared_memory():
+    """The harness poisons dynamic shared memory before every block, and static ``__shared__`` only
+    through an ELF section that g++ drops for a template's function-local statics (every kernel here
+    is a template), so static shared memory would escape the poisoning silently: the kernels use
+    MOSS_DYNAMIC_SHARED only."""
+    import re
+
+    csrc = SIMT.parent.parent / "csrc" / "cuda"
+    found = []
+    for path in sorted([*csrc.glob("*.cu"), *csrc.glob("*.cuh")]):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("//", 1)[0]
+            if re.search(r"\b__shared__\b", code) and "extern __shared__" not in code:
+                found.append(f"{path.name}:{n}: {line.strip()}")
+    assert not found, "static __shared__ in the kernels (use MOSS_DYNAMIC_SHARED):\n" + "\n".join(found)

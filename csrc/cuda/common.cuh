@@ -114,12 +114,6 @@ __device__ __forceinline__ Raw16 vec_pack(const float* f) {
   return r;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
-  return v;
-}
-
 // Blocks for a grid-stride loop over `n` items (capped: the loop covers the rest).
 inline unsigned grid_for(int64_t n, int threads) {
   const int64_t blocks = ceil_div(n > 0 ? n : 1, threads);

@@ -32,6 +32,10 @@ constexpr int THREADS = 256, WARPS = THREADS / 32;
 constexpr int ROWS_PER_WARP = 2;                          // weight rows a warp holds in registers
 constexpr int64_t ROWS_PER_BLOCK = WARPS * ROWS_PER_WARP;  // rank rows (down) or out rows (up) per block
 constexpr int ACC_FLOATS = 1024;                          // per warp: shared sums of a group of batch rows
+// The down and up kernels' shared sums, as dynamic shared memory (under the 48 KB that needs no
+// attribute): the SIMT harness poisons dynamic shared memory before every block, but g++ drops the
+// section attribute it gives a template's static __shared__ (see gemm.cu).
+constexpr int kAccBytes = WARPS * ACC_FLOATS * static_cast<int>(sizeof(float));
 
 constexpr int gcd_of(int a, int b) { return b == 0 ? a : gcd_of(b, a % b); }
 
@@ -207,7 +211,7 @@ __device__ __forceinline__ bool image_row(const DecodeArgs& a, int64_t b) {
 template <typename T, int K, bool VEC>
 __global__ void __launch_bounds__(THREADS, 1) decode_down_kernel(DecodeArgs a, DecodePlan p) {
   constexpr int KK = K * K;
-  __shared__ float acc[WARPS * ACC_FLOATS];
+  MOSS_DYNAMIC_SHARED(float, acc, 16);  // WARPS * ACC_FLOATS floats (kAccBytes)
   const int warp = threadIdx.x / 32;
   int64_t blk = blockIdx.x;
   const bool image = blk >= p.text.blocks;
@@ -285,7 +289,7 @@ __global__ void __launch_bounds__(THREADS) decode_reduce_kernel(DecodeArgs a, De
 // its modality that decode_reduce_kernel took.
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(THREADS, 1) decode_up_kernel(DecodeArgs a, DecodePlan p) {
-  __shared__ float acc[WARPS * ACC_FLOATS];
+  MOSS_DYNAMIC_SHARED(float, acc, 16);  // WARPS * ACC_FLOATS floats (kAccBytes)
   const int warp = threadIdx.x / 32;
   int64_t blk = blockIdx.x;
   const bool image = blk >= p.up_text_blocks;
@@ -379,16 +383,16 @@ void launch(const DecodeArgs& a, cudaStream_t stream) {
   const int64_t down = p.text.blocks + p.image.blocks, up = p.up_text_blocks + p.up_image_blocks;
   if (down == 0 || p.rz == 0) return;
   if (p.vec_down)
-    MOSS_LAUNCH(static_cast<unsigned>(down), THREADS, 0, stream, decode_down_kernel<T, K, true>)(a, p);
+    MOSS_LAUNCH(static_cast<unsigned>(down), THREADS, kAccBytes, stream, decode_down_kernel<T, K, true>)(a, p);
   else
-    MOSS_LAUNCH(static_cast<unsigned>(down), THREADS, 0, stream, decode_down_kernel<T, K, false>)(a, p);
+    MOSS_LAUNCH(static_cast<unsigned>(down), THREADS, kAccBytes, stream, decode_down_kernel<T, K, false>)(a, p);
   MOSS_LAUNCH(static_cast<unsigned>(a.batch * ceil_div(p.rz, THREADS)), THREADS, 0, stream,
               decode_reduce_kernel<K>)(a, p);
   if (up == 0) return;
   if (p.vec_up)
-    MOSS_LAUNCH(static_cast<unsigned>(up), THREADS, 0, stream, decode_up_kernel<T, true>)(a, p);
+    MOSS_LAUNCH(static_cast<unsigned>(up), THREADS, kAccBytes, stream, decode_up_kernel<T, true>)(a, p);
   else
-    MOSS_LAUNCH(static_cast<unsigned>(up), THREADS, 0, stream, decode_up_kernel<T, false>)(a, p);
+    MOSS_LAUNCH(static_cast<unsigned>(up), THREADS, kAccBytes, stream, decode_up_kernel<T, false>)(a, p);
 }
 
 template <typename T, typename F>
